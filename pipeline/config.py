@@ -1,0 +1,237 @@
+"""One config loader: YAML files + dotted overrides -> typed, frozen sections.
+
+Every job reads the same `Config`; a job uses only the sections it needs and passes them down
+one by one (`cfg.prepare`, `cfg.storage`), never the whole object. Unknown or mistyped keys are
+rejected with a one-line message that names the key and the valid ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message says which and why."""
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, and no key it does not declare."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(Section):
+    """Object-storage connection. Credentials never live here: they come from the AWS chain."""
+
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint; else AWS_ENDPOINT_URL; else AWS
+    region: Optional[str] = None  # else AWS_REGION / AWS_DEFAULT_REGION; else us-east-1
+    anonymous: bool = False  # public buckets
+
+
+class RayConfig(Section):
+    """Where jobs run: a cluster address, else an embedded local Ray."""
+
+    address: Optional[str] = None  # else RAY_ADDRESS; else embedded
+    num_cpus: Optional[int] = None  # embedded only; default max(cores, 4), see runtime.py
+    object_store_memory_mb: Optional[int] = None  # embedded only
+
+
+class PrepareConfig(Section):
+    """Raw images -> WebDataset shards, split and counted."""
+
+    source: str = ""
+    output: str = ""
+    layout: Literal["auto", "imagefolder", "flat", "cifar10", "mnist"] = "auto"
+    label_pattern: str = r"^(?P<label>[^.]+)\."  # flat layout: label from the file name
+    classes: Optional[list[str]] = None  # None: discovered, sorted
+    split: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    keep_source_test: bool = True  # CIFAR-10 / MNIST: keep their own test set as `test`
+    seed: int = 0
+    shard_max_samples: int = Field(default=1000, ge=1)
+    shard_max_mb: float = Field(default=256.0, gt=0)
+    max_pixels: int = Field(default=89_478_485, ge=1)  # Pillow's decompression-bomb limit
+    max_reject_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    extensions: list[str] = Field(
+        default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _split_is_ratios(cls, split: dict[str, float]) -> dict[str, float]:
+        allowed = {"train", "val", "test"}
+        if not split or set(split) - allowed:
+            raise ValueError(f"split names must be among {sorted(allowed)}, got {sorted(split)}")
+        if any(r < 0 for r in split.values()) or abs(sum(split.values()) - 1.0) > 1e-6:
+            raise ValueError(f"split ratios must be >= 0 and sum to 1, got {split}")
+        return split
+
+
+class ModelConfig(Section):
+    """Backbone by registry name and where its weights come from."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "DEFAULT"  # torchvision weight name | DEFAULT | path/URI to a state dict | none
+
+
+class FeaturesConfig(Section):
+    """Frozen backbone over a dataset -> Parquet embeddings."""
+
+    source: str = ""
+    output: str = ""
+    splits: Optional[list[str]] = None  # prepared shards: which splits; None = all
+    batch_size: int = Field(default=64, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    actors: Optional[int] = None  # None: one per GPU, else sized from the cluster's CPUs
+
+
+class HeadConfig(Section):
+    """A classifier head trained on cached features."""
+
+    features: str = ""
+    output: str = ""
+    kind: Literal["linear", "mlp"] = "linear"
+    hidden: int = Field(default=256, ge=1)
+    dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
+    epochs: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    class_weighting: bool = False
+    patience: int = Field(default=10, ge=1)
+    seed: int = 0
+
+
+class ClassifyConfig(Section):
+    """Bulk offline classification -> predictions Parquet."""
+
+    source: str = ""
+    output: str = ""
+    head: Optional[str] = None  # a train-head output; None: the backbone's own classifier
+    top_k: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    actors: Optional[int] = None
+
+
+class AugmentConfig(Section):
+    """Train/eval transform presets; sizes and normalisation come from the model's weights."""
+
+    preset: Literal["standard", "none"] = "standard"
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = Field(default=0.5, ge=0, le=1)
+    vflip: float = Field(default=0.0, ge=0, le=1)
+    rotate: float = Field(default=0.0, ge=0)  # degrees, +-
+    shear: float = Field(default=0.0, ge=0)  # degrees, +-
+    zoom: tuple[float, float] = (1.0, 1.0)
+    color_jitter: float = Field(default=0.0, ge=0)
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    seed: int = 0
+
+
+class LoaderConfig(Section):
+    """Training input pipeline: actors, shuffling, batches."""
+
+    batch_size: int = Field(default=64, ge=1)
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    actors: Optional[int] = None
+    actor_cpus: float = Field(default=1.0, gt=0)
+    cpu_only_nodes: bool = False
+
+
+class DemoConfig(Section):
+    """The end-to-end demo on scikit-learn's handwritten digits."""
+
+    workdir: str = "runs/demo"
+
+
+class Config(Section):
+    """Every section; a job reads the ones it needs."""
+
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig = ModelConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    head: HeadConfig = HeadConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    augment: AugmentConfig = AugmentConfig()
+    loader: LoaderConfig = LoaderConfig()
+    demo: DemoConfig = DemoConfig()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML file (or the defaults), apply `a.b=c` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    return build_config(raw)
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """Validate a plain dict into a `Config`, turning pydantic's errors into one line."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, to be written next to a job's outputs."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file from configs/")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    dotted = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        valid = ", ".join(_valid_keys(loc[:-1]))
+        where = ".".join(loc[:-1]) or "the top level"
+        return f"unknown config key '{dotted}'; valid keys in {where}: {valid}"
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type") and loc:
+        return f"config key '{dotted}' must be a section (a mapping), got {error.get('input')!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"config key '{dotted}': {message} (got {error.get('input')!r})"
+
+
+def _valid_keys(loc: list[str]) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)

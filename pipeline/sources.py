@@ -1,0 +1,189 @@
+"""Open images as a streaming Ray Dataset: prepared shards, a raw ImageFolder, or a bare prefix.
+
+Every source is cut into *units* (a shard, or a chunk of raw files) that are read whole by one
+task. A unit is also the unit of output (one Parquet part each) and of resume (a rerun reads only
+the units whose part is missing), and reordering units per epoch is the shard-order shuffle.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import posixpath
+import tarfile
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Literal, Sequence
+
+import ray
+
+from pipeline import schema, storage
+from pipeline.config import StorageConfig
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+MANIFEST = "manifest.json"
+CLASSES = "classes.json"
+RAW_SPLIT = "all"  # split name given to raw (unprepared) inputs
+
+Kind = Literal["auto", "shards", "imagefolder", "images"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One input unit: a shard, or a chunk of raw files, read whole by one task."""
+
+    name: str  # unique within its split: "train-000003" or "chunk-000003"
+    split: str
+    count: int  # samples (shards) or files (raw) in it
+    paths: tuple[str, ...]  # filesystem paths: the shard, or the raw files
+    labels: tuple[int, ...] = ()  # raw ImageFolder: one per path
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A resolved image input: what it is, its classes, and its units."""
+
+    location: storage.Location
+    kind: Literal["shards", "imagefolder", "images"]
+    classes: tuple[str, ...] | None
+    units: tuple[Unit, ...]
+    manifest: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def splits(self) -> list[str]:
+        """Split names in unit order."""
+        return list(dict.fromkeys(u.split for u in self.units))
+
+    def select(self, splits: Sequence[str] | None) -> "ImageSource":
+        """Only the units of these splits; an unknown split is an error naming the known ones."""
+        if not splits:
+            return self
+        unknown = sorted(set(splits) - set(self.splits))
+        if unknown:
+            raise ValueError(f"{self.location.uri}: no split {unknown}; it has {self.splits}")
+        return replace(self, units=tuple(u for u in self.units if u.split in splits))
+
+    def dataset(self, units: Sequence[Unit] | None = None) -> ray.data.Dataset:
+        """A Ray Dataset of the given units (all by default), columns per `schema.IMAGE_SCHEMA`."""
+        units = list(self.units if units is None else units)
+        if not units:
+            raise ValueError(f"{self.location.uri}: nothing to read (no units selected)")
+        # Each item carries its own unit, so a task receives only the paths it reads.
+        items = [{"name": u.name, "paths": list(u.paths), "labels": list(u.labels)} for u in units]
+        loc = self.location
+        reader = _read_shard if self.kind == "shards" else _read_files
+        read = functools.partial(reader, fs=loc.fs, uri=loc.uri, root=loc.path)
+        return ray.data.from_items(items, override_num_blocks=len(units)).flat_map(read)
+
+    @property
+    def count(self) -> int:
+        """Inputs in the selected units."""
+        return sum(u.count for u in self.units)
+
+
+def open_images(
+    uri: str,
+    cfg: StorageConfig | None = None,
+    *,
+    kind: Kind = "auto",
+    splits: Sequence[str] | None = None,
+    chunk_size: int = 1000,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> ImageSource:
+    """Resolve `uri` into an `ImageSource` (call `.dataset()` for the Ray Dataset)."""
+    loc = storage.resolve(uri, cfg)
+    if kind in ("auto", "shards") and storage.exists(loc.join(MANIFEST)):
+        return _open_shards(loc).select(splits)
+    if kind == "shards":
+        raise ValueError(f"{uri}: no {MANIFEST} here; run `imgpipe prepare` first or pass raw images")
+    files = [f for f in storage.list_files(loc) if _extension(f.path) in extensions]
+    if not files:
+        raise ValueError(f"{uri}: no image files ({', '.join(extensions)}) under this prefix")
+    rel = [f.path[len(loc.path):].lstrip("/") for f in files]
+    if kind == "imagefolder" or (kind == "auto" and all(r.count("/") == 1 for r in rel)):
+        source = _open_imagefolder(loc, files, rel, chunk_size)
+    else:
+        source = _raw_source(loc, "images", None, [f.path for f in files], [], chunk_size)
+    return source.select(splits)
+
+
+def _open_shards(loc: storage.Location) -> ImageSource:
+    manifest = json.loads(storage.read_bytes(loc.join(MANIFEST)))
+    units = [
+        Unit(posixpath.basename(s["path"]).removesuffix(".tar"), split, s["samples"], (posixpath.join(loc.path, s["path"]),))
+        for split, info in manifest["splits"].items()
+        for s in info["shards"]
+    ]
+    return ImageSource(loc, "shards", tuple(manifest["classes"]), tuple(units), manifest)
+
+
+def _open_imagefolder(loc: storage.Location, files, rel: list[str], chunk_size: int) -> ImageSource:
+    class_of = [r.split("/", 1)[0] for r in rel]
+    classes = sorted(set(class_of))
+    index = {c: i for i, c in enumerate(classes)}
+    return _raw_source(loc, "imagefolder", tuple(classes), [f.path for f in files], [index[c] for c in class_of], chunk_size)
+
+
+def _raw_source(loc, kind, classes, paths: list[str], labels: list[int], chunk_size: int) -> ImageSource:
+    units = []
+    for n, start in enumerate(range(0, len(paths), chunk_size)):
+        chunk = tuple(paths[start : start + chunk_size])
+        units.append(Unit(f"chunk-{n:06d}", RAW_SPLIT, len(chunk), chunk, tuple(labels[start : start + chunk_size])))
+    return ImageSource(loc, kind, classes, tuple(units))
+
+
+def _read_files(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
+    labels = list(unit["labels"])
+    for i, path in enumerate(unit["paths"]):
+        rel = path[len(root):].lstrip("/")
+        label = int(labels[i]) if labels else schema.UNLABELED
+        row = _row(schema.sample_key(rel), b"", label, f"{uri}/{rel}", unit["name"], "")
+        try:
+            with fs.open_input_stream(path) as f:
+                row[schema.IMAGE] = f.read()
+        except OSError as exc:
+            row[schema.ERROR] = f"cannot read: {storage.explain(exc, row[schema.SOURCE])}"
+        yield row
+
+
+def _read_shard(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
+    path = unit["paths"][0]
+    shard_uri = f"{uri}/{path[len(root):].lstrip('/')}"
+    with fs.open_input_stream(path) as f:
+        data = f.read()
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if member.isfile():
+                key, ext = _split_member(member.name)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    for key, parts in samples.items():
+        ext = next((e for e in parts if e in IMAGE_EXTENSIONS), None)
+        label = int(parts["cls"]) if "cls" in parts else schema.UNLABELED
+        if ext is None:
+            yield _row(key, b"", label, f"{shard_uri}:{key}", unit["name"], "no image member in shard sample")
+        else:
+            yield _row(key, parts[ext], label, f"{shard_uri}:{key}.{ext}", unit["name"], "")
+
+
+def _row(key: str, image: bytes, label: int, source: str, shard: str, error: str) -> dict:
+    return {
+        schema.KEY: key,
+        schema.IMAGE: image,
+        schema.LABEL: label,
+        schema.SOURCE: source,
+        schema.SHARD: shard,
+        schema.ERROR: error,
+    }
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    # WebDataset's rule: the key runs to the first dot of the file name.
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def _extension(path: str) -> str:
+    base = path.rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[-1].lower() if "." in base else ""

@@ -1,0 +1,178 @@
+"""URIs -> pyarrow filesystems: s3:// (and S3-compatible), gs://, local paths.
+
+pyarrow.fs rather than fsspec: Ray Data takes pyarrow filesystems natively, its S3 and GCS
+clients are C++ (multi-threaded, no GIL), it ships with pyarrow (already required), and it is
+picklable, so the same object travels to every Ray task. Credentials come only from the standard
+AWS/GCP chains; this module never reads, prints or writes them.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from pipeline.config import StorageConfig
+
+
+class StorageError(OSError):
+    """A URI that cannot be used; the message names the URI and what to do."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: the filesystem, the path inside it, and the URI the user wrote."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    def join(self, *parts: str) -> "Location":
+        """A child location (`loc.join("train-000000.tar")`)."""
+        path = posixpath.join(self.path, *parts)
+        uri = self.uri.rstrip("/") + "/" + "/".join(parts)
+        return Location(self.fs, path, uri)
+
+    def uri_of(self, path: str) -> str:
+        """The user-facing URI of a path inside this location's filesystem."""
+        return _uri_for(self.uri, self.path, path)
+
+
+def resolve(uri: str, cfg: StorageConfig | None = None) -> Location:
+    """Parse a URI into a `Location`; local paths become absolute."""
+    cfg = cfg or StorageConfig()
+    if uri.startswith("s3://"):
+        return Location(_s3(_endpoint(cfg), _region(cfg), cfg.anonymous), uri[5:].rstrip("/"), uri.rstrip("/"))
+    if uri.startswith(("gs://", "gcs://")):
+        path = uri.split("://", 1)[1].rstrip("/")
+        return Location(_gcs(cfg.anonymous), path, uri.rstrip("/"))
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"{uri}: unsupported scheme; use s3://, gs://, file:// or a local path")
+    path = str(Path(uri.removeprefix("file://")).expanduser().resolve())
+    return Location(pafs.LocalFileSystem(), path, path)
+
+
+def is_local(loc: Location) -> bool:
+    """True when the location is on this machine's disk."""
+    return isinstance(loc.fs, pafs.LocalFileSystem)
+
+
+def list_files(loc: Location) -> list[pafs.FileInfo]:
+    """Every file under a prefix, recursively, sorted by path; a missing prefix is an error."""
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    except (OSError, FileNotFoundError) as exc:
+        raise explain(exc, loc.uri) from None
+    files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    if not files:
+        raise StorageError(f"{loc.uri}: no files under this prefix; check the path")
+    return files
+
+
+def read_bytes(loc: Location) -> bytes:
+    """The whole object."""
+    try:
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read()
+    except (OSError, FileNotFoundError) as exc:
+        raise explain(exc, loc.uri) from None
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    """Write an object in one go (one PUT on S3, so readers never see half of it)."""
+    try:
+        if is_local(loc):
+            loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
+            _write_local_atomic(loc.path, data)
+        else:
+            with loc.fs.open_output_stream(loc.path) as f:
+                f.write(data)
+    except (OSError, FileNotFoundError) as exc:
+        raise explain(exc, loc.uri) from None
+
+
+def exists(loc: Location) -> bool:
+    """True when an object (or a local file) is there."""
+    try:
+        return loc.fs.get_file_info(loc.path).type == pafs.FileType.File
+    except OSError as exc:
+        raise explain(exc, loc.uri) from None
+
+
+def check_writable(loc: Location) -> None:
+    """Fail early, before any work, when an output location cannot be written."""
+    if is_local(loc):
+        try:
+            loc.fs.create_dir(loc.path, recursive=True)
+        except OSError as exc:
+            raise explain(exc, loc.uri) from None
+        return
+    bucket = loc.path.split("/", 1)[0]
+    try:
+        info = loc.fs.get_file_info(bucket)
+    except OSError as exc:
+        raise explain(exc, loc.uri) from None
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{loc.uri}: bucket '{bucket}' does not exist; create it or fix the URI")
+
+
+def explain(exc: BaseException, uri: str) -> StorageError:
+    """Rewrite a filesystem error into one line that names the URI and the fix."""
+    text = str(exc)
+    bucket = re.search(r"bucket '([^']+)'", text)
+    if "NO_SUCH_BUCKET" in text:
+        name = bucket.group(1) if bucket else uri
+        return StorageError(f"{uri}: bucket '{name}' does not exist; check the bucket name and the endpoint")
+    if any(s in text for s in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "Forbidden")):
+        return StorageError(
+            f"{uri}: access refused; check the credentials of the standard AWS chain "
+            "(AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, instance role) and the bucket policy"
+        )
+    if isinstance(exc, FileNotFoundError) or "does not exist" in text or "NotFound" in text:
+        return StorageError(f"{uri}: no such file or prefix; check the path")
+    if "NETWORK_CONNECTION" in text or "Connection refused" in text or "curlCode" in text:
+        return StorageError(f"{uri}: cannot reach the storage endpoint; check AWS_ENDPOINT_URL / storage.endpoint_url")
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return StorageError(f"{uri}: {first}")
+
+
+def _endpoint(cfg: StorageConfig) -> str | None:
+    return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _region(cfg: StorageConfig) -> str:
+    return cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+@lru_cache(maxsize=None)
+def _s3(endpoint: str | None, region: str, anonymous: bool) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region, "anonymous": anonymous}
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        kwargs.update(endpoint_override=host or endpoint, scheme=scheme or "https")
+        # S3-compatible stores (MinIO, Ceph, moto) serve path-style requests on one host.
+        kwargs["force_virtual_addressing"] = False
+    return pafs.S3FileSystem(**kwargs)
+
+
+@lru_cache(maxsize=None)
+def _gcs(anonymous: bool) -> pafs.GcsFileSystem:
+    return pafs.GcsFileSystem(anonymous=anonymous)
+
+
+def _uri_for(base_uri: str, base_path: str, path: str) -> str:
+    if not path.startswith(base_path):
+        return path
+    return base_uri + path[len(base_path):]
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

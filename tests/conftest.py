@@ -1,0 +1,66 @@
+"""Shared test fixtures: one S3-compatible server on 127.0.0.1 (moto, over real HTTP) and one
+local Ray for the whole session, sized so that actor pools never starve read tasks."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import boto3
+import pytest
+
+# Before anything imports pyarrow's S3 or starts Ray: workers inherit the environment.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["TQDM_DISABLE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """Start moto's S3 server on loopback and point the standard AWS variables at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_endpoint):
+    """A boto3 client for arranging test data (the code under test uses pyarrow.fs)."""
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    """A fresh, empty bucket per test."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray for the session: 4 logical CPUs on 2 cores (see RAY-NOTES.md)."""
+    import ray
+    from ray.data import DataContext
+
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        object_store_memory=512 * 2**20,
+        log_to_driver=False,
+    )
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

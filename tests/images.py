@@ -1,0 +1,71 @@
+"""Tiny generated test data: real JPEG/PNG bytes, and the bad inputs a real bucket holds."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def jpeg_bytes(width: int = 48, height: int = 32, seed: int = 0, color: tuple | None = None, quality: int = 90) -> bytes:
+    """A small JPEG: a colour (class signal) plus noise (so images differ)."""
+    rng = np.random.default_rng(seed)
+    base = np.array(color if color is not None else rng.integers(0, 256, 3), dtype=np.int16)
+    noise = rng.integers(-30, 31, (height, width, 3))
+    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png_bytes(width: int = 32, height: int = 32, mode: str = "RGB", seed: int = 0) -> bytes:
+    """A small PNG in any Pillow mode."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+CLASS_COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40), (40, 220, 220)]
+
+
+def bad_files() -> dict[str, bytes]:
+    """One of each kind of bad input, by the reason prepare must give."""
+    good = jpeg_bytes(64, 48, seed=99)
+    return {
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+        "not_an_image": b"this is a text file with a .jpg extension\n" * 4,
+        "garbage_header": b"\xff\xd8\xff\xe0" + b"\x00" * 64,
+    }
+
+
+def bomb_png(width: int = 4000, height: int = 4000) -> bytes:
+    """A PNG whose header promises many pixels but compresses to a few KB."""
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def write_imagefolder(root: Path, per_class: dict[str, int], size=(48, 32), seed: int = 0) -> list[Path]:
+    """An ImageFolder tree `<root>/<class>/<class>_<i>.jpg`; class colour = class signal."""
+    paths = []
+    for c, (name, count) in enumerate(sorted(per_class.items())):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            p = root / name / f"{name}_{i:04d}.jpg"
+            p.write_bytes(jpeg_bytes(*size, seed=seed * 100_000 + c * 10_000 + i, color=CLASS_COLORS[c % len(CLASS_COLORS)]))
+            paths.append(p)
+    return paths
+
+
+def upload_tree(s3, bucket: str, root: Path, prefix: str) -> int:
+    """Upload every file under `root` to s3://bucket/prefix/..., keeping relative paths."""
+    n = 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(root).as_posix()}", Body=path.read_bytes())
+        n += 1
+    return n
