@@ -1,0 +1,46 @@
+"""What every job does first: parse the shared flags, load the config, log, connect to Ray."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline import runtime, storage
+from pipeline.config import Config, ConfigError, dump_config, load_config
+
+log = logging.getLogger("imgpipe")
+
+
+def parse_config(job: str, description: str, argv: list[str] | None) -> Config:
+    """`--config FILE`, repeated `--set a.b=c`, `--address ADDR`; exits with one line on a bad config."""
+    parser = argparse.ArgumentParser(prog=f"imgpipe {job}", description=description)
+    parser.add_argument("--config", "-c", help="YAML config file (see configs/)")
+    parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set prepare.seed=1")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="log warnings only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = list(args.set) + ([f"ray.address={args.address}"] if args.address else [])
+    try:
+        return load_config(args.config, overrides)
+    except ConfigError as exc:
+        sys.exit(f"imgpipe {job}: {exc}")
+
+
+def start(cfg: Config, output: str) -> storage.Location:
+    """Check the output is writable, connect to Ray, and write the resolved config there."""
+    out = storage.resolve(output, cfg.storage)
+    storage.check_writable(out)
+    runtime.connect(cfg.ray)
+    storage.write_bytes(out.join("config.yaml"), dump_config(cfg).encode())
+    return out
+
+
+def run_job(job: str, fn, *args) -> object:
+    """Call the job's pipeline entry; user-facing errors end the process with one line."""
+    try:
+        return fn(*args)
+    except (ConfigError, storage.StorageError, ValueError, FileNotFoundError) as exc:
+        log.debug("failure", exc_info=True)
+        sys.exit(f"imgpipe {job}: {exc}")
