@@ -28,10 +28,15 @@ def parse_config(job: str, description: str, argv: list[str] | None) -> Config:
         sys.exit(f"imgpipe {job}: {exc}")
 
 
-def start(cfg: Config, output: str) -> storage.Location:
-    """Check the output is writable, connect to Ray, and write the resolved config there."""
-    out = storage.resolve(output, cfg.storage)
-    storage.check_writable(out)
+def start(cfg: Config, output: str, key: str) -> storage.Location:
+    """Check the output (config key `key`) is writable, connect to Ray, write the resolved config there."""
+    if not output:
+        sys.exit(f"imgpipe: no output given; set {key} (a local path or s3:// / gs:// URI)")
+    try:
+        out = storage.resolve(output, cfg.storage)
+        storage.check_writable(out)
+    except storage.StorageError as exc:
+        sys.exit(f"imgpipe: {exc}")
     runtime.connect(cfg.ray)
     storage.write_bytes(out.join("config.yaml"), dump_config(cfg).encode())
     return out

@@ -17,7 +17,7 @@ from typing import Iterator, Literal, Sequence
 
 import ray
 
-from pipeline import schema, storage
+from pipeline import layouts, schema, storage
 from pipeline.config import StorageConfig
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -36,7 +36,8 @@ class Unit:
     split: str
     count: int  # samples (shards) or files (raw) in it
     paths: tuple[str, ...]  # filesystem paths: the shard, or the raw files
-    labels: tuple[int, ...] = ()  # raw ImageFolder: one per path
+    labels: tuple[int, ...] = ()  # raw files: one label per path (-1: unlabelled)
+    keys: tuple[str, ...] = ()  # raw files: one sample key per path
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class ImageSource:
         if not units:
             raise ValueError(f"{self.location.uri}: nothing to read (no units selected)")
         # Each item carries its own unit, so a task receives only the paths it reads.
-        items = [{"name": u.name, "paths": list(u.paths), "labels": list(u.labels)} for u in units]
+        items = [{"name": u.name, "paths": list(u.paths), "labels": list(u.labels), "keys": list(u.keys)} for u in units]
         loc = self.location
         reader = _read_shard if self.kind == "shards" else _read_files
         read = functools.partial(reader, fs=loc.fs, uri=loc.uri, root=loc.path)
@@ -99,11 +100,12 @@ def open_images(
     files = [f for f in storage.list_files(loc) if _extension(f.path) in extensions]
     if not files:
         raise ValueError(f"{uri}: no image files ({', '.join(extensions)}) under this prefix")
-    rel = [f.path[len(loc.path):].lstrip("/") for f in files]
-    if kind == "imagefolder" or (kind == "auto" and all(r.count("/") == 1 for r in rel)):
-        source = _open_imagefolder(loc, files, rel, chunk_size)
+    depths = {f.path[len(loc.path):].lstrip("/").count("/") for f in files}
+    if kind == "imagefolder" or (kind == "auto" and depths == {1}):
+        found = layouts.imagefolder(loc, files, None)
+        source = _raw_source(loc, "imagefolder", tuple(found.classes), found.inputs, chunk_size)
     else:
-        source = _raw_source(loc, "images", None, [f.path for f in files], [], chunk_size)
+        source = _raw_source(loc, "images", None, layouts.unlabelled(loc, files), chunk_size)
     return source.select(splits)
 
 
@@ -117,40 +119,34 @@ def _open_shards(loc: storage.Location) -> ImageSource:
     return ImageSource(loc, "shards", tuple(manifest["classes"]), tuple(units), manifest)
 
 
-def _open_imagefolder(loc: storage.Location, files, rel: list[str], chunk_size: int) -> ImageSource:
-    class_of = [r.split("/", 1)[0] for r in rel]
-    classes = sorted(set(class_of))
-    index = {c: i for i, c in enumerate(classes)}
-    return _raw_source(loc, "imagefolder", tuple(classes), [f.path for f in files], [index[c] for c in class_of], chunk_size)
-
-
-def _raw_source(loc, kind, classes, paths: list[str], labels: list[int], chunk_size: int) -> ImageSource:
+def _raw_source(loc, kind, classes, inputs: list, chunk_size: int) -> ImageSource:
     units = []
-    for n, start in enumerate(range(0, len(paths), chunk_size)):
-        chunk = tuple(paths[start : start + chunk_size])
-        units.append(Unit(f"chunk-{n:06d}", RAW_SPLIT, len(chunk), chunk, tuple(labels[start : start + chunk_size])))
+    for n, start in enumerate(range(0, len(inputs), chunk_size)):
+        chunk = inputs[start : start + chunk_size]
+        units.append(
+            Unit(
+                f"chunk-{n:06d}", RAW_SPLIT, len(chunk),
+                tuple(i.path for i in chunk), tuple(i.label for i in chunk), tuple(i.key for i in chunk),
+            )
+        )
     return ImageSource(loc, kind, classes, tuple(units))
 
 
 def _read_files(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
-    labels = list(unit["labels"])
-    for i, path in enumerate(unit["paths"]):
+    for path, label, key in zip(unit["paths"], unit["labels"], unit["keys"]):
         rel = path[len(root):].lstrip("/")
-        label = int(labels[i]) if labels else schema.UNLABELED
-        row = _row(schema.sample_key(rel), b"", label, f"{uri}/{rel}", unit["name"], "")
+        row = _row(key, b"", int(label), f"{uri}/{rel}", unit["name"], "")
         try:
-            with fs.open_input_stream(path) as f:
-                row[schema.IMAGE] = f.read()
-        except OSError as exc:
-            row[schema.ERROR] = f"cannot read: {storage.explain(exc, row[schema.SOURCE])}"
+            row[schema.IMAGE] = storage.read_bytes(storage.Location(fs, path, row[schema.SOURCE]))
+        except storage.StorageError as exc:
+            row[schema.ERROR] = f"cannot read: {exc}"
         yield row
 
 
 def _read_shard(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
     path = unit["paths"][0]
     shard_uri = f"{uri}/{path[len(root):].lstrip('/')}"
-    with fs.open_input_stream(path) as f:
-        data = f.read()
+    data = storage.read_bytes(storage.Location(fs, path, shard_uri))
     samples: dict[str, dict[str, bytes]] = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:

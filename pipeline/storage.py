@@ -75,9 +75,9 @@ def list_files(loc: Location) -> list[pafs.FileInfo]:
 
 
 def read_bytes(loc: Location) -> bytes:
-    """The whole object."""
+    """The whole object, as stored (no decompression by file extension)."""
     try:
-        with loc.fs.open_input_stream(loc.path) as f:
+        with loc.fs.open_input_stream(loc.path, compression=None) as f:
             return f.read()
     except (OSError, FileNotFoundError) as exc:
         raise explain(exc, loc.uri) from None

@@ -1,0 +1,22 @@
+"""`imgpipe prepare`: raw images (ImageFolder, flat, CIFAR-10, MNIST) -> WebDataset shards."""
+
+from __future__ import annotations
+
+from jobs.common import parse_config, run_job, start
+from pipeline import prepare
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse, prepare, print the counts."""
+    cfg = parse_config("prepare", __doc__, argv)
+    out = start(cfg, cfg.prepare.output, "prepare.output")
+    manifest = run_job("prepare", prepare.run, cfg.prepare, cfg.storage)
+    for split, info in manifest["splits"].items():
+        print(f"{split:>5}: {info['samples']:>8} samples in {len(info['shards'])} shards")
+    print(f"inputs {manifest['inputs']} = samples {manifest['samples']} + rejected {manifest['rejected']}")
+    print(f"wrote {out.uri}/manifest.json; rejects listed in {out.uri}/errors.jsonl")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The prepare stage: raw images -> split, stratified, counted WebDataset shards.
+
+Driver: discover and label inputs, split them per class by seed, cut each split into shard
+plans. Ray Data: one task per shard reads, checks and writes it. Driver: errors.jsonl,
+classes.json and, last, manifest.json (its presence marks a finished dataset).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+from collections import defaultdict
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from pipeline import storage
+from pipeline.config import PrepareConfig, StorageConfig
+from pipeline.layouts import SPLIT_FREE, RawInput, discover
+from pipeline.shards import ShardPlan, build_manifest, plan_shards, write_shard
+
+log = logging.getLogger("imgpipe")
+SPLITS = ("train", "val", "test")
+SHARD_NAME = re.compile(r"(train|val|test)-\d{6}\.tar")
+
+
+class PrepareError(ValueError):
+    """The job ran but its result must not be used (too many rejects); the message says why."""
+
+
+def run(cfg: PrepareConfig, storage_cfg: StorageConfig) -> dict:
+    """Prepare `cfg.source` into `cfg.output`; returns the manifest. Ray must be connected."""
+    if not cfg.source or not cfg.output:
+        raise ValueError("prepare needs prepare.source and prepare.output (URIs or local paths)")
+    src, out = storage.resolve(cfg.source, storage_cfg), storage.resolve(cfg.output, storage_cfg)
+    found = discover(src, cfg.layout, [e.lower() for e in cfg.extensions], cfg.label_pattern, cfg.classes)
+    log.info("prepare: %s layout, %d inputs in %d classes, %d non-image files ignored", found.layout, len(found.inputs), len(found.classes), len(found.ignored))
+    inputs = found.inputs
+    unusable = [{"source": i.source, "reason": i.problem} for i in inputs if i.problem]
+    splits = assign_splits([i for i in inputs if not i.problem], cfg.split, cfg.seed, cfg.keep_source_test)
+    plans = [
+        plan
+        for split, items in splits.items()
+        for plan in plan_shards(split, items, cfg.shard_max_samples, int(cfg.shard_max_mb * 2**20))
+    ]
+    results = write_all(plans, src.fs, out, found.classes, cfg.max_pixels, found.images)
+    rejects = sorted(unusable + [r for res in results for r in res["rejects"]], key=lambda r: r["source"])
+    storage.write_bytes(out.join("errors.jsonl"), "".join(json.dumps(r) + "\n" for r in rejects).encode())
+    manifest = build_manifest(
+        source=src.uri, layout=found.layout, seed=cfg.seed, ratios=cfg.split, classes=found.classes,
+        results=results, inputs=len(inputs), rejected=len(rejects), ignored=found.ignored,
+    )
+    _check_counts(manifest, cfg.max_reject_fraction, out)
+    _remove_stale_shards(out, manifest)
+    storage.write_bytes(out.join("classes.json"), json.dumps({"classes": found.classes}, indent=1).encode())
+    storage.write_bytes(out.join("manifest.json"), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def assign_splits(inputs: list[RawInput], ratios: dict[str, float], seed: int, keep_source_test: bool) -> dict[str, list[RawInput]]:
+    """Split each class by `ratios` (seeded, largest split first), then shuffle each split so
+    shards mix classes. Inputs whose split the dataset fixes (a source test set) keep it."""
+    fixed = [i for i in inputs if i.split != SPLIT_FREE and keep_source_test]
+    free = [i for i in inputs if i.split == SPLIT_FREE or not keep_source_test]
+    if fixed:
+        ratios = {k: v for k, v in ratios.items() if k not in {i.split for i in fixed}}
+        total = sum(ratios.values()) or 1.0
+        ratios = {k: v / total for k, v in ratios.items()}
+    out: dict[str, list[RawInput]] = defaultdict(list)
+    for item in fixed:
+        out[item.split].append(item)
+    by_class: dict[int, list[RawInput]] = defaultdict(list)
+    for item in free:
+        by_class[item.label].append(item)
+    names = [s for s in SPLITS if ratios.get(s, 0) > 0]
+    fractions = np.cumsum([ratios[s] for s in names])
+    for label, items in sorted(by_class.items()):
+        items = sorted(items, key=lambda i: i.key)
+        order = np.random.default_rng([seed, label]).permutation(len(items))
+        bounds = [0, *np.rint(fractions * len(items)).astype(int)]
+        for name, lo, hi in zip(names, bounds, bounds[1:]):
+            out[name].extend(items[j] for j in order[lo:hi])
+    for n, name in enumerate(SPLITS):
+        if name in out:
+            items = sorted(out[name], key=lambda i: i.key)
+            out[name] = [items[j] for j in np.random.default_rng([seed, 1000 + n]).permutation(len(items))]
+    return {name: out[name] for name in SPLITS if out.get(name)}
+
+
+def write_all(plans: list[ShardPlan], src_fs, out: storage.Location, classes: list[str], max_pixels: int, images) -> list[dict]:
+    """Write every shard as Ray Data work, one task per shard, with a progress bar of inputs."""
+    images_ref = ray.put(images) if images is not None else None
+    rows = [{"plan": pickle.dumps(p)} for p in plans]
+
+    def write(row: dict) -> dict:
+        plan = pickle.loads(row["plan"])
+        arrays = ray.get(images_ref) if images_ref is not None else None
+        return {"result": json.dumps(write_shard(plan, src_fs, out, classes, max_pixels, arrays))}
+
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map(write)
+    results = []
+    with tqdm(total=sum(len(p.inputs) for p in plans), desc="prepare", unit="img") as bar:
+        for row in ds.iter_rows():
+            result = json.loads(row["result"])
+            results.append(result)
+            bar.update(result["samples"] + len(result["rejects"]))
+    return results
+
+
+def _check_counts(manifest: dict, max_reject_fraction: float, out: storage.Location) -> None:
+    inputs, samples, rejected = manifest["inputs"], manifest["samples"], manifest["rejected"]
+    if samples + rejected != inputs:
+        raise PrepareError(f"internal count mismatch: {samples} samples + {rejected} rejected != {inputs} inputs")
+    if inputs and rejected / inputs > max_reject_fraction:
+        raise PrepareError(
+            f"{rejected} of {inputs} inputs ({rejected / inputs:.1%}) were rejected, over "
+            f"prepare.max_reject_fraction={max_reject_fraction}; see {out.join('errors.jsonl').uri} "
+            "for each file and reason, fix or remove them, or raise the limit"
+        )
+
+
+def _remove_stale_shards(out: storage.Location, manifest: dict) -> None:
+    """A rerun with fewer shards must not leave an earlier run's shards beside the new ones."""
+    keep = {s["path"] for info in manifest["splits"].values() for s in info["shards"]}
+    try:
+        existing = storage.list_files(out)
+    except storage.StorageError:
+        return
+    for info in existing:
+        name = info.path[len(out.path):].lstrip("/")
+        if SHARD_NAME.fullmatch(name) and name not in keep:
+            out.fs.delete_file(info.path)
+            log.info("prepare: removed %s left by an earlier run", out.uri_of(info.path))

@@ -1,0 +1,68 @@
+"""The reader: prepared shards, raw ImageFolder and bare prefixes as streaming Ray Datasets."""
+
+from __future__ import annotations
+
+import pytest
+
+from images import jpeg_bytes, upload_tree, write_imagefolder
+from pipeline import schema
+from pipeline.config import PrepareConfig, StorageConfig
+from pipeline.prepare import run as prepare
+from pipeline.sources import open_images
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_prepared_shards_one_split_or_all(ray_session, tmp_path):
+    write_imagefolder(tmp_path / "raw", {"a": 10, "b": 10})
+    manifest = prepare(PrepareConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "out"), shard_max_samples=6), StorageConfig())
+
+    source = open_images(str(tmp_path / "out"))
+    assert source.kind == "shards" and source.classes == ("a", "b") and source.count == 20
+    assert source.splits == ["train", "val", "test"]
+    rows = source.dataset().take_all()
+    assert len(rows) == 20 and len({r[schema.KEY] for r in rows}) == 20
+    assert all(r[schema.ERROR] == "" and r[schema.IMAGE][:2] == b"\xff\xd8" for r in rows)
+    assert {r[schema.LABEL] for r in rows} == {0, 1}
+    assert all(r[schema.KEY].split("/")[0] == "ab"[r[schema.LABEL]] for r in rows)
+
+    val = open_images(str(tmp_path / "out"), splits=["val"])
+    val_rows = val.dataset().take_all()
+    assert len(val_rows) == manifest["splits"]["val"]["samples"] == val.count
+    assert {r[schema.SHARD] for r in val_rows} == {u.name for u in val.units} == {"val-000000"}
+    with pytest.raises(ValueError, match=r"no split \['dev'\]; it has \['train', 'val', 'test'\]"):
+        open_images(str(tmp_path / "out"), splits=["dev"])
+
+
+def test_raw_imagefolder_on_s3(ray_session, s3, bucket, tmp_path):
+    write_imagefolder(tmp_path / "raw", {"cat": 5, "dog": 4})
+    upload_tree(s3, bucket, tmp_path / "raw", "imgs")
+    source = open_images(f"s3://{bucket}/imgs", chunk_size=4)
+    assert source.kind == "imagefolder" and source.classes == ("cat", "dog")
+    assert [u.count for u in source.units] == [4, 4, 1]
+    rows = source.dataset().take_all()
+    assert sorted((r[schema.KEY], r[schema.LABEL]) for r in rows)[:2] == [("cat/cat_0000", 0), ("cat/cat_0001", 0)]
+    assert sum(r[schema.LABEL] == 1 for r in rows) == 4
+    assert all(r[schema.SOURCE].startswith(f"s3://{bucket}/imgs/") for r in rows)
+
+
+def test_bare_prefix_is_unlabelled_and_unreadable_objects_become_error_rows(ray_session, s3, bucket):
+    for i, key in enumerate(["2024/01/a.jpg", "2024/02/b.jpg", "c.jpg", "notes.txt"]):
+        s3.put_object(Bucket=bucket, Key=f"drop/{key}", Body=jpeg_bytes(seed=i))
+    source = open_images(f"s3://{bucket}/drop")
+    assert source.kind == "images" and source.classes is None and source.count == 3
+    s3.delete_object(Bucket=bucket, Key="drop/c.jpg")  # gone between listing and reading
+    rows = {r[schema.KEY]: r for r in source.dataset().take_all()}
+    assert set(rows) == {"2024/01/a", "2024/02/b", "c"}
+    assert all(r[schema.LABEL] == schema.UNLABELED for r in rows.values())
+    assert rows["c"][schema.ERROR].startswith(f"cannot read: s3://{bucket}/drop/c.jpg: no such file")
+    assert rows["2024/01/a"][schema.ERROR] == ""
+
+
+def test_colliding_keys_are_made_unique(ray_session, tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name in ["x.1.jpg", "x_1.jpg", "x.1.png"]:
+        (root / name).write_bytes(jpeg_bytes())
+    keys = sorted(r[schema.KEY] for r in open_images(str(root)).dataset().take_all())
+    assert len(set(keys)) == 3 and keys[0] == "x_1"
