@@ -18,8 +18,11 @@ os.environ["TQDM_DISABLE"] = "1"
 @pytest.fixture(scope="session")
 def s3_endpoint() -> str:
     """Start moto's S3 server on loopback and point the standard AWS variables at it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
