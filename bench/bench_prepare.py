@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import sys
 import tempfile
@@ -48,7 +49,7 @@ def main() -> None:
     print(f"uploaded to the local S3 server in {time.perf_counter() - t0:.1f}s")
 
     import ray
-    from pipeline import runtime
+    from pipeline import runtime, storage
     from pipeline.config import PrepareConfig, RayConfig, StorageConfig
     from pipeline.prepare import run
 
@@ -73,6 +74,8 @@ def main() -> None:
         wall = time.perf_counter() - t0
         assert manifest["samples"] + manifest["rejected"] == manifest["inputs"] == n, manifest
         assert manifest["rejected"] == args.bad
+        errors = storage.read_bytes(storage.resolve(out).join("errors.jsonl")).decode().splitlines()
+        assert sorted(json.loads(e)["source"].rsplit("/", 1)[1] for e in errors) == sorted(p.name for p in raw.rglob("bad_*"))
         rows.append((name, wall, manifest))
         print(f"prepare {name:<16} {wall:6.1f}s  = {wall / n * 1000:5.1f}s per 1,000 images  "
               f"({manifest['samples']} samples, {manifest['rejected']} rejected, "

@@ -14,6 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message says which and why."""
 
@@ -55,9 +58,7 @@ class PrepareConfig(Section):
     shard_max_mb: float = Field(default=256.0, gt=0)
     max_pixels: int = Field(default=89_478_485, ge=1)  # Pillow's decompression-bomb limit
     max_reject_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
-    extensions: list[str] = Field(
-        default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
-    )
+    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
 
     @field_validator("split")
     @classmethod
@@ -84,8 +85,8 @@ class FeaturesConfig(Section):
     output: str = ""
     splits: Optional[list[str]] = None  # prepared shards: which splits; None = all
     batch_size: int = Field(default=64, ge=1)
-    dtype: Literal["float16", "float32"] = "float16"
-    actors: Optional[int] = None  # None: one per GPU, else sized from the cluster's CPUs
+    dtype: Literal["float16", "float32"] = "float16"  # of the stored embeddings
+    actors: Optional[int] = Field(default=None, ge=1)  # None: one per GPU, else sized from the cluster's CPUs
 
 
 class HeadConfig(Section):
@@ -96,12 +97,13 @@ class HeadConfig(Section):
     kind: Literal["linear", "mlp"] = "linear"
     hidden: int = Field(default=256, ge=1)
     dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
-    epochs: int = Field(default=100, ge=1)
+    epochs: int = Field(default=200, ge=1)  # at most; early stopping usually ends sooner
     batch_size: int = Field(default=256, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     class_weighting: bool = False
-    patience: int = Field(default=10, ge=1)
+    patience: int = Field(default=10, ge=1)  # epochs without a better validation loss before stopping
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)  # held out of train when there is no val split
     seed: int = 0
 
 
@@ -110,42 +112,58 @@ class ClassifyConfig(Section):
 
     source: str = ""
     output: str = ""
+    splits: Optional[list[str]] = None  # prepared shards: which splits; None = all
     head: Optional[str] = None  # a train-head output; None: the backbone's own classifier
     top_k: int = Field(default=5, ge=1)
     batch_size: int = Field(default=64, ge=1)
-    actors: Optional[int] = None
+    actors: Optional[int] = Field(default=None, ge=1)
 
 
 class AugmentConfig(Section):
     """Train/eval transform presets; sizes and normalisation come from the model's weights."""
 
-    preset: Literal["standard", "none"] = "standard"
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    preset: Literal["standard", "none"] = "standard"  # none: train on the eval transform
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop: area fraction of the source
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop: aspect ratio w/h
     hflip: float = Field(default=0.5, ge=0, le=1)
     vflip: float = Field(default=0.0, ge=0, le=1)
-    rotate: float = Field(default=0.0, ge=0)  # degrees, +-
-    shear: float = Field(default=0.0, ge=0)  # degrees, +-
-    zoom: tuple[float, float] = (1.0, 1.0)
-    color_jitter: float = Field(default=0.0, ge=0)
+    rotate: float = Field(default=0.0, ge=0, le=180)  # degrees, +-
+    shear: float = Field(default=0.0, ge=0, lt=90)  # degrees, +-, along x
+    zoom: tuple[float, float] = (1.0, 1.0)  # affine scale range
+    color_jitter: float = Field(default=0.0, ge=0)  # brightness = contrast = saturation strength
     auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
-    seed: int = 0
+    auto_augment_ops: int = Field(default=2, ge=1)  # RandAugment: ops per image
+    auto_augment_magnitude: int = Field(default=9, ge=0, le=30)  # RandAugment: bin of 31
+    seed: int = 0  # with the epoch and the sample key, fixes every random choice
+
+    @field_validator("scale", "ratio", "zoom")
+    @classmethod
+    def _positive_range(cls, pair: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < pair[0] <= pair[1]:
+            raise ValueError(f"must be a range [low, high] with 0 < low <= high, got {list(pair)}")
+        return pair
 
 
 class LoaderConfig(Section):
-    """Training input pipeline: actors, shuffling, batches."""
+    """Training input pipeline: augmentation actors, shuffling, batches."""
 
-    batch_size: int = Field(default=64, ge=1)
-    shuffle_buffer: int = Field(default=1000, ge=0)
-    actors: Optional[int] = None
+    batch_size: int = Field(default=64, ge=1)  # per training worker
+    shuffle_buffer: int = Field(default=1000, ge=0)  # rows in each worker's local shuffle buffer
+    seed: int = 0  # with the epoch, fixes the shard order and the shuffle buffer
+    actors: Optional[int] = Field(default=None, ge=1)  # None: (eligible CPUs - reserved) / actor_cpus
     actor_cpus: float = Field(default=1.0, gt=0)
-    cpu_only_nodes: bool = False
+    reserved_cpus: float = Field(default=1.0, ge=0)  # left free for reads and trainers when sizing
+    cpu_only_nodes: bool = False  # place augmentation actors only on nodes without GPUs
+    actor_labels: dict[str, str] = Field(default_factory=dict)  # Ray node-label selector for actors
+    prefetch_batches: int = Field(default=2, ge=0)
 
 
 class DemoConfig(Section):
     """The end-to-end demo on scikit-learn's handwritten digits."""
 
-    workdir: str = "runs/demo"
+    workdir: str = "runs/demo"  # local folder or s3:// / gs:// prefix; every stage writes under it
+    limit: Optional[int] = Field(default=None, ge=20)  # first N digits only (quick runs); None = all 1,797
+    classify_split: str = "test"  # the prepared split that classify labels (and scores)
 
 
 class Config(Section):

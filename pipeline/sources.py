@@ -18,9 +18,8 @@ from typing import Iterator, Literal, Sequence
 import ray
 
 from pipeline import layouts, schema, storage
-from pipeline.config import StorageConfig
+from pipeline.config import IMAGE_EXTENSIONS, StorageConfig
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MANIFEST = "manifest.json"
 CLASSES = "classes.json"
 RAW_SPLIT = "all"  # split name given to raw (unprepared) inputs

@@ -69,3 +69,63 @@ def upload_tree(s3, bucket: str, root: Path, prefix: str) -> int:
         s3.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(root).as_posix()}", Body=path.read_bytes())
         n += 1
     return n
+
+
+def gradient_array(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Smooth (H, W, 3) uint8 content, so resampling differences stay small and comparable."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    planes = [128 + 100 * np.sin(x / 7.0 + seed), 128 + 100 * np.cos(y / 5.0), 128 + 60 * np.sin((x + y) / 11.0)]
+    return np.clip(np.stack(planes, -1) + rng.normal(0, 8, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def encode(pixels: np.ndarray | Image.Image, fmt: str = "PNG", mode: str | None = None, **save_args) -> bytes:
+    """Encode an array or image in `fmt`, converted to `mode` first (e.g. "CMYK", "P", "LA")."""
+    img = Image.fromarray(pixels) if isinstance(pixels, np.ndarray) else pixels
+    if mode is not None:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save_args)
+    return buf.getvalue()
+
+
+def exif_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
+    """A JPEG whose stored pixels are `pixels` and whose EXIF says `orientation`."""
+    img = Image.fromarray(pixels)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def write_shards(root: Path, splits: dict[str, list[tuple[str, bytes, int]]], per_shard: int, classes: list[str]) -> dict:
+    """A prepared dataset as `imgpipe prepare` lays it out: `<split>-NNNNNN.tar` WebDataset shards
+    of (key, image bytes, label) samples, `<key>.jpg` + `<key>.cls`, and manifest.json."""
+    import json
+
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = {"classes": classes, "splits": {}}
+    for split, samples in splits.items():
+        shards = []
+        for n, start in enumerate(range(0, len(samples), per_shard)):
+            name = f"{split}-{n:06d}.tar"
+            chunk = samples[start : start + per_shard]
+            with wds.TarWriter(str(root / name), encoder=False) as tar:
+                for key, data, label in chunk:
+                    tar.write({"__key__": key, "jpg": data, "cls": str(label).encode()})
+            shards.append({"path": name, "samples": len(chunk)})
+        manifest["splits"][split] = {"shards": shards, "samples": len(samples)}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def photo_jpeg(width: int = 500, height: int = 375, seed: int = 0, quality: int = 90) -> bytes:
+    """A JPEG that compresses like a photo (smooth colour fields, texture, sensor noise), for
+    benchmarks: pure noise decodes slower, and flat colour faster, than real photos."""
+    rng = np.random.default_rng(seed)
+    field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+    texture = rng.normal(0, 40, (height // 4 + 1, width // 4 + 1, 3)) + 128
+    texture = Image.fromarray(np.clip(texture, 0, 255).astype(np.uint8)).resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(field, np.float32) + np.asarray(texture, np.float32) - 128 + rng.normal(0, 4, (height, width, 3))
+    return encode(np.clip(pixels, 0, 255).astype(np.uint8), "JPEG", quality=quality)

@@ -1,0 +1,245 @@
+"""The training input pipeline: shards -> augmentation actors -> equal, shuffled per-worker batches.
+
+    units (shards), in an order drawn from (seed, epoch)        shard-order shuffle
+      -> read tasks (`sources.ImageSource.dataset`)               encoded bytes
+      -> map_batches on an actor pool (`AugmentWorker`)         uint8 (N, crop, crop, 3)
+      -> streaming_split(n, equal=True)                         same rows for every worker
+      -> iter_batches(local_shuffle_buffer, drop_last)          same batches for every worker
+
+Undecodable samples become error rows in the actors, are counted in an `ErrorLog` actor and
+dropped there, before the split, so every worker still gets the same number of rows. Pixels
+leave as uint8; `preprocessing.to_model_input` converts and normalises them on the device.
+
+Epochs are explicit: `TrainInput.dataset(epoch)` is a pure function of (seed, epoch), so a
+run resumed at epoch k sees what an uninterrupted run saw. Ray Train workers get their
+epoch's iterator from one `EpochSplits` actor (`worker_batches`), which makes one
+`streaming_split` per epoch and hands rank r its part.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import ray
+
+from pipeline import augment, schema
+from pipeline.config import AugmentConfig, LoaderConfig
+from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.preprocessing import Preprocessing
+from pipeline.sources import ImageSource, Unit
+
+log = logging.getLogger("imgpipe")
+
+Batch = dict[str, np.ndarray]
+OUTPUT_COLUMNS = (schema.KEY, schema.LABEL, schema.PIXELS)
+ACTOR_BATCH = 32  # rows per actor call: large enough to amortise Ray's per-call cost
+MAX_ERROR_EXAMPLES = 100
+
+
+def shard_order(units: Sequence[Unit], seed: int, epoch: int) -> list[Unit]:
+    """The epoch's unit order: a permutation drawn from (seed, epoch), the same on any machine."""
+    order = list(units)
+    random.Random(f"{seed}/{epoch}/shards").shuffle(order)
+    return order
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of one worker's local shuffle buffer in one epoch."""
+    return random.Random(f"{seed}/{epoch}/{rank}/buffer").getrandbits(32)
+
+
+def actor_count(cfg: LoaderConfig, nodes: list[dict]) -> int:
+    """Augmentation actors to start: `cfg.actors`, else what the eligible nodes' CPUs hold
+    after `reserved_cpus` (left to read tasks and trainers), at `actor_cpus` each."""
+    if cfg.actors is not None:
+        return cfg.actors
+    cpus = sum(n["Resources"].get("CPU", 0) for n in eligible_nodes(cfg, nodes))
+    return max(1, int((cpus - cfg.reserved_cpus) // cfg.actor_cpus))
+
+
+def eligible_nodes(cfg: LoaderConfig, nodes: list[dict]) -> list[dict]:
+    """Alive nodes the actors may use: all, or those without GPUs when `cpu_only_nodes`."""
+    alive = [n for n in nodes if n.get("Alive", True)]
+    if not cfg.cpu_only_nodes:
+        return alive
+    cpu_only = [n for n in alive if not n["Resources"].get("GPU", 0)]
+    if not cpu_only:
+        raise ValueError("loader.cpu_only_nodes is set, but every node of the cluster has GPUs; add CPU-only nodes or unset it")
+    return cpu_only
+
+
+def label_selector(cfg: LoaderConfig, nodes: list[dict]) -> dict[str, str]:
+    """Ray node-label selector for the actors: `actor_labels`, plus "no GPU node" if asked."""
+    selector = dict(cfg.actor_labels)
+    gpu_nodes = [n["NodeID"] for n in nodes if n.get("Alive", True) and n["Resources"].get("GPU", 0)]
+    if cfg.cpu_only_nodes and gpu_nodes:
+        eligible_nodes(cfg, nodes)  # fails loudly when nothing is left
+        selector["ray.io/node-id"] = f"!in({','.join(sorted(gpu_nodes))})"
+    return selector
+
+
+@ray.remote(num_cpus=0)
+class ErrorLog:
+    """Counts the samples the actors dropped, per epoch, with the first reasons as examples."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.examples: list[dict] = []
+
+    def add(self, epoch: int, rows: list[dict]) -> None:
+        self.counts[epoch] = self.counts.get(epoch, 0) + len(rows)
+        self.examples.extend(rows[: MAX_ERROR_EXAMPLES - len(self.examples)])
+
+    def summary(self) -> dict:
+        return {"dropped": dict(self.counts), "examples": list(self.examples)}
+
+
+class AugmentWorker:
+    """The actor's batch function: transform, then count and drop the error rows."""
+
+    def __init__(self, transform, epoch: int, errors) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # one actor = one core; torch's pool would oversubscribe
+        self.transform, self.epoch, self.errors = transform, epoch, errors
+
+    def __call__(self, batch: Batch) -> Batch:
+        out = self.transform(batch, epoch=self.epoch)
+        bad = out[schema.ERROR] != ""
+        if bad.any():
+            rows = [
+                {"key": str(k), "source": str(s), "reason": str(r)}
+                for k, s, r in zip(out[schema.KEY][bad], out[schema.SOURCE][bad], out[schema.ERROR][bad])
+            ]
+            self.errors.add.remote(self.epoch, rows)
+        return {c: out[c][~bad] for c in OUTPUT_COLUMNS}
+
+
+@dataclass
+class TrainInput:
+    """The train (and eval) input of one fine-tuning run; cheap to pickle into Ray workers.
+
+    `prep` is the model's `Preprocessing` (crop size, interpolation); `train` and `val` are
+    image sources (prepared shards or raw images), `val` optional. Build it on the driver once
+    Ray is connected: it starts the run's `ErrorLog` actor.
+    """
+
+    train: ImageSource
+    prep: Preprocessing
+    augment: AugmentConfig
+    loader: LoaderConfig
+    val: ImageSource | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    errors: object = field(default=None, repr=False)  # the ErrorLog actor, shared by every copy
+
+    def __post_init__(self) -> None:
+        if self.errors is None:
+            self.errors = ErrorLog.remote()
+
+    def dataset(self, epoch: int) -> ray.data.Dataset:
+        """The augmented train rows of `epoch`: key, label, pixels (uint8 NHWC)."""
+        transform = augment.build_train_transform(self.prep, self.augment, self.max_pixels, epoch)
+        units = shard_order(self.train.units, self.loader.seed, epoch)
+        return self._through_actors(self.train.dataset(units), transform, epoch)
+
+    def eval_dataset(self) -> ray.data.Dataset:
+        """The val rows, eval transform (resize + centre crop), in shard order."""
+        if self.val is None:
+            raise ValueError("no validation source: build TrainInput with val=open_images(..., splits=['val'])")
+        transform = augment.build_eval_transform(self.prep, self.max_pixels)
+        return self._through_actors(self.val.dataset(), transform, -1)
+
+    def split(self, epoch: int, n: int) -> list:
+        """`n` iterators over the epoch's rows, with the same number of rows each."""
+        return self.dataset(epoch).streaming_split(n, equal=True)
+
+    def eval_split(self, n: int) -> list:
+        """`n` iterators over the val rows: every row exactly once, so parts may differ by a few."""
+        return self.eval_dataset().streaming_split(n, equal=False)
+
+    def dropped(self) -> dict:
+        """Samples dropped as undecodable so far: {"dropped": {epoch: n}, "examples": [...]}
+        (epoch -1 is the eval split)."""
+        return ray.get(self.errors.summary.remote())
+
+    def _through_actors(self, ds: ray.data.Dataset, transform, epoch: int) -> ray.data.Dataset:
+        nodes = ray.nodes()
+        size = actor_count(self.loader, nodes)
+        selector = label_selector(self.loader, nodes)
+        log.info("augmentation actors: %d x %g CPU%s", size, self.loader.actor_cpus, f", on nodes {selector}" if selector else "")
+        return ds.map_batches(
+            AugmentWorker,
+            fn_constructor_kwargs={"transform": transform, "epoch": epoch, "errors": self.errors},
+            batch_size=ACTOR_BATCH,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=size),
+            num_cpus=self.loader.actor_cpus,
+            **({"label_selector": selector} if selector else {}),
+        )
+
+
+def iter_train_batches(iterator, cfg: LoaderConfig, epoch: int, rank: int = 0) -> Iterator[Batch]:
+    """One worker's batches of an epoch: full batches only, through a seeded local shuffle."""
+    return iterator.iter_batches(
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+        local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank) if cfg.shuffle_buffer else None,
+        prefetch_batches=cfg.prefetch_batches,
+    )
+
+
+@ray.remote(num_cpus=0)
+class EpochSplits:
+    """Hands Ray Train workers their iterators: one `streaming_split` per epoch (and per eval
+    round), part r to rank r.
+
+    A rank asking again for a round it already has (a restarted worker group) gets a fresh
+    split, so a resumed run starts its epoch from the beginning on every rank.
+    """
+
+    def __init__(self, train_input: TrainInput, world_size: int) -> None:
+        self.input, self.world = train_input, world_size
+        self.rounds: dict[str, tuple[int, list, set]] = {}  # kind -> (epoch, parts, ranks served)
+
+    def iterator(self, epoch: int, rank: int, kind: str = "train"):
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank {rank} is outside the world of {self.world} workers")
+        if kind not in ("train", "val"):
+            raise ValueError(f"unknown split kind {kind!r}; known: train, val")
+        current = self.rounds.get(kind)
+        if current is None or current[0] != epoch or rank in current[2]:
+            parts = self.input.split(epoch, self.world) if kind == "train" else self.input.eval_split(self.world)
+            current = self.rounds[kind] = (epoch, parts, set())
+        current[2].add(rank)
+        return current[1][rank]
+
+
+def epoch_splits(train_input: TrainInput, world_size: int):
+    """The `EpochSplits` actor for a run with `world_size` workers: make it on the driver and
+    pass it to the workers (in `train_loop_config`)."""
+    return EpochSplits.remote(train_input, world_size)
+
+
+def worker_batches(splits, cfg: LoaderConfig, epoch: int, rank: int) -> Iterator[Batch]:
+    """Inside a training worker: its batches of `epoch`, as many as every other rank gets."""
+    iterator = ray.get(splits.iterator.remote(epoch, rank))
+    return iter_train_batches(iterator, cfg, epoch, rank)
+
+
+def worker_eval_batches(splits, cfg: LoaderConfig, epoch: int, rank: int) -> Iterator[Batch]:
+    """Inside a training worker: its part of the val rows after `epoch`, in order, every row
+    once across the ranks (the last batch may be short, and counts may differ by one)."""
+    iterator = ray.get(splits.iterator.remote(epoch, rank, "val"))
+    return iterator.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=cfg.prefetch_batches)
+
+
+def batches_per_epoch(samples: int, world_size: int, batch_size: int) -> int:
+    """Batches each worker gets from `samples` good rows (the split and drop_last floor it)."""
+    return math.floor(samples / world_size) // batch_size

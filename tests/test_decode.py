@@ -1,0 +1,173 @@
+"""Decode: every input kind ends as upright RGB uint8; bad input is `ImageRejected`, never a crash."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from images import bad_files, bomb_png, encode, exif_jpeg, gradient_array
+from pipeline.decode import (
+    ImageRejected,
+    crop_region,
+    decode_crop,
+    decode_rgb,
+    decode_scaled,
+    inspect_image,
+    read_header,
+    resize_array,
+)
+
+
+def pillow_rgb(data: bytes) -> np.ndarray:
+    """The reference: Pillow's full decode, EXIF-upright, as RGB."""
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+
+
+def test_jpeg_fast_path_gives_pillows_pixels():
+    data = encode(gradient_array(96, 64), "JPEG", quality=90)
+    out = decode_rgb(data)
+    assert out.shape == (64, 96, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, pillow_rgb(data))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(orientation):
+    stored = gradient_array(40, 24, seed=orientation)
+    data = exif_jpeg(stored, orientation)
+    out = decode_rgb(data)
+    expected = pillow_rgb(data)
+    assert out.shape == expected.shape == ((24, 40, 3) if orientation < 5 else (40, 24, 3))
+    assert np.array_equal(out, expected)
+    head = read_header(data)
+    assert (head.width, head.height) == (out.shape[1], out.shape[0])
+
+
+@pytest.mark.parametrize(
+    "fmt,mode",
+    [
+        ("JPEG", "L"),  # grayscale JPEG: libjpeg-turbo expands it to RGB
+        ("JPEG", "CMYK"),  # CMYK JPEG (Adobe-inverted): through Pillow
+        ("PNG", "RGBA"),  # opaque alpha: the same as dropping it
+        ("PNG", "LA"),
+        ("PNG", "P"),
+        ("PNG", "L"),
+        ("WEBP", "RGB"),
+    ],
+)
+def test_every_mode_ends_as_rgb(fmt, mode):
+    data = encode(gradient_array(32, 20, seed=3), fmt, mode=mode)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    out = decode_rgb(data)
+    assert out.shape == (20, 32, 3) and out.dtype == np.uint8
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.abs(out.astype(int) - reference).max() <= 1
+    if mode in ("L", "LA"):
+        assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+
+
+def test_transparent_pixels_go_on_white():
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[:4] = (255, 0, 0, 255)  # top half opaque red, bottom half fully transparent
+    out = decode_rgb(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert (out[0, 0] == (255, 0, 0)).all()
+    assert (out[7, 7] == (255, 255, 255)).all()
+
+
+def test_palette_with_transparency_goes_on_white():
+    img = Image.new("P", (6, 6), 1)
+    img.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    img.putpixel((0, 0), 0)
+    out = decode_rgb(encode(img, "PNG", transparency=0))
+    assert (out[0, 0] == (255, 255, 255)).all()
+    assert (out[5, 5] == (0, 0, 255)).all()
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits():
+    values = np.array([[0, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    img = Image.fromarray(values)
+    assert img.mode.startswith("I;16")
+    out = decode_rgb(encode(img, "PNG"))
+    assert out.shape == (4, 3, 3)
+    assert list(out[0, :, 0]) == [0, 128, 255]
+
+
+def test_jpeg_draft_decodes_at_a_coarser_dct_scale():
+    data = encode(gradient_array(256, 128), "JPEG", quality=95)
+    head = read_header(data)
+    assert decode_scaled(head, 4).shape == (32, 64, 3)
+    # min_size keeps the short side at least that big: 128 / 2 = 64 >= 50, 128 / 4 = 32 < 50.
+    assert decode_rgb(data, min_size=50).shape == (64, 128, 3)
+    assert decode_rgb(data, min_size=500).shape == (128, 256, 3)
+
+
+def test_crop_region_decodes_at_the_scale_the_output_needs():
+    data = encode(gradient_array(400, 240), "JPEG", quality=95)
+    head = read_header(data)
+    # A 200x200 box for a 48 output: 4x too many pixels -> 1/4 scale, a 50x50 region.
+    assert crop_region(head, (100, 20, 300, 220), 48).shape == (50, 50, 3)
+    # A 60x60 box for a 48 output: decoded at full scale.
+    assert crop_region(head, (0, 0, 60, 60), 48).shape == (60, 60, 3)
+    full = pillow_rgb(data)[20:220, 100:300]
+    reference = np.asarray(Image.fromarray(full).resize((48, 48), Image.Resampling.BILINEAR))
+    assert np.abs(decode_crop(head, (100, 20, 300, 220), 48).astype(int) - reference).mean() < 3
+
+
+@pytest.mark.parametrize("interpolation,tolerance", [("bilinear", 1), ("bicubic", 2), ("nearest", 0)])
+def test_resize_matches_pillow(interpolation, tolerance):
+    src = gradient_array(70, 50, seed=5)
+    resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
+    for size in [(20, 30), (100, 90)]:  # down and up
+        out = resize_array(src, size, interpolation)
+        reference = np.asarray(Image.fromarray(src).resize((size[1], size[0]), resample[interpolation]))
+        assert out.shape == (*size, 3)
+        assert np.abs(out.astype(int) - reference).max() <= tolerance
+
+
+@pytest.mark.parametrize("name", sorted(bad_files()))
+def test_bad_inputs_are_rejected_with_a_reason(name):
+    data = bad_files()[name]
+    with pytest.raises(ImageRejected) as info:
+        decode_rgb(data)
+    assert str(info.value)
+    with pytest.raises(ImageRejected):
+        inspect_image(data)
+
+
+def test_truncated_jpeg_body_is_rejected_by_both_decoders():
+    data = encode(gradient_array(200, 150), "JPEG", quality=90)
+    cut = data[: len(data) * 2 // 3]
+    head = read_header(cut)  # the header is intact
+    with pytest.raises(ImageRejected, match="undecodable image"):
+        decode_scaled(head)
+    with pytest.raises(ImageRejected, match="undecodable image"):
+        inspect_image(cut)
+
+
+def test_pixel_limit_guards_against_decompression_bombs():
+    data = bomb_png(4000, 4000)
+    with pytest.raises(ImageRejected, match="over the limit of 1000000"):
+        read_header(data, max_pixels=1_000_000)
+    assert inspect_image(encode(gradient_array(40, 30), "PNG"), max_pixels=1200) == (40, 30)
+
+
+def test_recoverable_jpeg_damage_decodes_as_pillow_does():
+    # libjpeg warns ("extraneous bytes before marker"); simplejpeg refuses, Pillow decodes:
+    # what prepare's check accepted must not be rejected at training time.
+    data = encode(gradient_array(64, 48), "JPEG", quality=90)
+    scan = data.index(b"\xff\xda")
+    damaged = data[:scan] + b"\x00\x00\x00" + data[scan:]
+    inspect_image(damaged)
+    assert np.array_equal(decode_rgb(damaged), pillow_rgb(damaged))
+
+
+def test_crop_box_follows_the_scale_pillow_really_decoded_at():
+    # CMYK goes through Pillow, whose draft keeps 375 rows at full scale where 1/2 was asked.
+    data = encode(gradient_array(500, 375), "JPEG", mode="CMYK", quality=90)
+    head = read_header(data)
+    region = crop_region(head, (0, 0, 500, 375), 100)
+    assert region.shape == (375, 500, 3)
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((100, 100), Image.Resampling.BILINEAR))
+    assert np.abs(decode_crop(head, (0, 0, 500, 375), 100).astype(int) - reference).max() <= 1
