@@ -87,6 +87,7 @@ class FeaturesConfig(Section):
     batch_size: int = Field(default=64, ge=1)
     dtype: Literal["float16", "float32"] = "float16"  # of the stored embeddings
     actors: Optional[int] = Field(default=None, ge=1)  # None: one per GPU, else sized from the cluster's CPUs
+    overwrite: bool = False  # output of another run (other input/model/dtype) there: replace it, don't refuse
 
 
 class HeadConfig(Section):
@@ -117,6 +118,7 @@ class ClassifyConfig(Section):
     top_k: int = Field(default=5, ge=1)
     batch_size: int = Field(default=64, ge=1)
     actors: Optional[int] = Field(default=None, ge=1)
+    overwrite: bool = False  # predictions of another run (other input/model/head) there: replace them, don't refuse
 
 
 class AugmentConfig(Section):

@@ -1,0 +1,25 @@
+"""`imgpipe classify`: backbone + head (or the backbone's own classifier) over a dataset or a
+bucket of images -> predictions Parquet with top-k."""
+
+from __future__ import annotations
+
+from jobs.common import parse_config, run_job, start
+from pipeline import predict
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse, classify (only the parts still missing), print counts and accuracy when labelled."""
+    cfg = parse_config("classify", __doc__, argv)
+    start(cfg, cfg.classify.output, "classify.output")
+    result = run_job("classify", predict.run, cfg.model, cfg.classify, cfg.storage)
+    print(f"model: {result['model']}")
+    print(f"inputs {result['inputs']} = classified {result['rows']} + rejected {result['rejected']}; {result['written']} parts written this run")
+    for split, m in (result["metrics"] or {}).items():
+        topk = next(k for k in m if k.startswith("top") and k != "top1")
+        print(f"{split:>5}: top-1 {m['top1']:.2%}  {topk} {m[topk]:.2%}  ({m['samples']} labelled)")
+    print(f"wrote predictions to {result['output']}; rejects in {result['output']}/errors.jsonl")
+    return result
+
+
+if __name__ == "__main__":
+    main()

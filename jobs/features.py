@@ -1,0 +1,22 @@
+"""`imgpipe features`: a frozen backbone over shards, an ImageFolder or a prefix -> Parquet embeddings."""
+
+from __future__ import annotations
+
+from jobs.common import parse_config, run_job, start
+from pipeline import features
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse, embed (only the parts still missing), print the counts."""
+    cfg = parse_config("features", __doc__, argv)
+    start(cfg, cfg.features.output, "features.output")
+    result = run_job("features", features.run, cfg.model, cfg.features, cfg.storage)
+    for split, info in result["splits"].items():
+        print(f"{split:>5}: {info['rows']:>8} embedded, {info['rejected']} rejected, {info['parts']} parts")
+    print(f"inputs {result['inputs']} = embedded {result['rows']} + rejected {result['rejected']}; {result['written']} parts written this run")
+    print(f"wrote {result['dim']}-d {cfg.features.dtype} embeddings of {cfg.model.backbone} to {result['output']}; rejects in {result['output']}/errors.jsonl")
+    return result
+
+
+if __name__ == "__main__":
+    main()

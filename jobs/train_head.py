@@ -1,0 +1,26 @@
+"""`imgpipe train-head`: a linear or MLP classifier head trained on cached features."""
+
+from __future__ import annotations
+
+from jobs.common import parse_config, run_job, start
+from pipeline import heads
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse, train, print the accuracy and where the head and plots are."""
+    cfg = parse_config("train-head", __doc__, argv)
+    start(cfg, cfg.head.output, "head.output")
+    metrics = run_job("train-head", heads.run, cfg.head, cfg.storage)
+    print(f"{cfg.head.kind} head: best epoch {metrics['best_epoch']} of {metrics['epochs_run']}")
+    for split in ("train", "val", "test"):
+        if split in metrics:
+            m = metrics[split]
+            topk = next(k for k in m if k.startswith("top") and k != "top1")
+            print(f"{split:>5}: top-1 {m['top1']:.2%}  {topk} {m[topk]:.2%}  ({m['samples']} samples)")
+    out = metrics["output"]
+    print(f"wrote {out}/head.pt, head.json, metrics.json; plots {out}/curves.png, {out}/confusion.png")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

