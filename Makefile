@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/imgpipe demo
+	$(BIN)/imgpipe demo --config configs/demo.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q
