@@ -129,7 +129,7 @@ def steps(raw: Path, endpoint: str, n: int) -> None:
 
     def tar() -> bytes:
         buf = io.BytesIO()
-        with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0.0, encoder=False) as w:
+        with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False) as w:
             for i, b in enumerate(blobs):
                 w.write({"__key__": f"k{i}", "jpg": b, "cls": b"1", "json": b"{}"})
         return buf.getvalue()

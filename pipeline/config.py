@@ -49,7 +49,7 @@ class PrepareConfig(Section):
     source: str = ""
     output: str = ""
     layout: Literal["auto", "imagefolder", "flat", "cifar10", "mnist"] = "auto"
-    label_pattern: str = r"^(?P<label>[^.]+)\."  # flat layout: label from the file name
+    label_pattern: str = r"^(?P<label>[^.]+)\.[^.]+\.[^.]+$"  # flat layout: <label>.<id>.<ext> (cat.123.jpg)
     classes: Optional[list[str]] = None  # None: discovered, sorted
     split: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     keep_source_test: bool = True  # CIFAR-10 / MNIST: keep their own test set as `test`

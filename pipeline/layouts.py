@@ -21,6 +21,7 @@ from pipeline import schema, storage
 
 SPLIT_FREE = ""  # an input that the ratio split assigns
 CIFAR_META = "batches.meta"
+MIN_FILES_FOR_CLASS_CHECK = 20  # a flat folder's labels must repeat: fewer classes than half the files
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,15 @@ def _flat(loc: storage.Location, files, label_pattern: str, classes: list[str] |
         raise ValueError(f"prepare.label_pattern {label_pattern!r} needs a named group (?P<label>...)")
     rels = [f.path[len(loc.path):].lstrip("/") for f in files]
     labels = [_match_label(pattern, r) for r in rels]
-    classes = _check_classes(loc, classes, sorted({lab for lab in labels if lab}), "label")
+    found = sorted({lab for lab in labels if lab})
+    labelled = sum(1 for lab in labels if lab)
+    if classes is None and labelled >= MIN_FILES_FOR_CLASS_CHECK and len(found) > labelled / 2:
+        raise ValueError(
+            f"{loc.uri}: prepare.label_pattern {label_pattern!r} gives {len(found)} classes for {labelled} files "
+            f"(e.g. {found[:3]}): it captures more than the class. Set a pattern whose (?P<label>...) group holds "
+            "the class alone, list prepare.classes, or use layout=imagefolder"
+        )
+    classes = _check_classes(loc, classes, found, "label")
     index = {c: i for i, c in enumerate(classes)}
     inputs = []
     for f, r, lab in zip(files, rels, labels):

@@ -46,6 +46,7 @@ def run(cfg: PrepareConfig, storage_cfg: StorageConfig) -> dict:
         for split, items in splits.items()
         for plan in plan_shards(split, items, cfg.shard_max_samples, int(cfg.shard_max_mb * 2**20))
     ]
+    _unmark_finished(out)
     results = write_all(plans, src.fs, out, found.classes, cfg.max_pixels, found.images)
     rejects = sorted(unusable + [r for res in results for r in res["rejects"]], key=lambda r: r["source"])
     storage.write_bytes(out.join("errors.jsonl"), "".join(json.dumps(r) + "\n" for r in rejects).encode())
@@ -120,6 +121,15 @@ def _check_counts(manifest: dict, max_reject_fraction: float, out: storage.Locat
             f"prepare.max_reject_fraction={max_reject_fraction}; see {out.join('errors.jsonl').uri} "
             "for each file and reason, fix or remove them, or raise the limit"
         )
+
+
+def _unmark_finished(out: storage.Location) -> None:
+    """Before any shard is (re)written: an earlier run's manifest would vouch for shards that
+    this run is replacing, so a failed or interrupted rerun must leave no manifest behind."""
+    for name in ("manifest.json", "classes.json"):
+        loc = out.join(name)
+        if storage.exists(loc):
+            out.fs.delete_file(loc.path)
 
 
 def _remove_stale_shards(out: storage.Location, manifest: dict) -> None:

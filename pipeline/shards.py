@@ -26,6 +26,24 @@ FORMAT = "imgpipe.prepared/1"
 READ_THREADS = 16
 
 
+TAR_BLOCK = 512
+TAR_TAIL = 20 * TAR_BLOCK  # end-of-archive marker plus tarfile's padding to a 10 KiB record, at most
+
+
+def sample_tar_bytes(item: RawInput) -> int:
+    """An upper bound of a sample's bytes in its shard: three members (image, .cls, .json),
+    each a 512-byte header (two more blocks for a pax header when the name is over 100
+    characters) plus its data padded to 512. Small images are mostly this overhead: a
+    200-byte digit PNG takes 3 KiB."""
+    header = TAR_BLOCK * (3 if len(item.key.encode()) + 6 > 100 else 1)
+    json_bytes = 120 + len(item.source.encode())
+    return 3 * header + _blocks(item.size) + _blocks(1) + _blocks(json_bytes)
+
+
+def _blocks(n: int) -> int:
+    return -(-n // TAR_BLOCK) * TAR_BLOCK
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     """What one shard will hold, decided on the driver before any image is read."""
@@ -36,14 +54,14 @@ class ShardPlan:
 
 
 def plan_shards(split: str, inputs: list[RawInput], max_samples: int, max_bytes: int) -> list[ShardPlan]:
-    """Cut a split's (already shuffled) inputs into shards by sample count and byte size."""
-    plans, current, size = [], [], 0
+    """Cut a split's (already shuffled) inputs into shards by sample count and tar size."""
+    plans, current, size = [], [], TAR_TAIL
     for item in inputs:
-        if current and (len(current) >= max_samples or size + item.size > max_bytes):
+        if current and (len(current) >= max_samples or size + sample_tar_bytes(item) > max_bytes):
             plans.append(current)
-            current, size = [], 0
+            current, size = [], TAR_TAIL
         current.append(item)
-        size += item.size
+        size += sample_tar_bytes(item)
     if current:
         plans.append(current)
     return [ShardPlan(f"{split}-{n:06d}", split, tuple(p)) for n, p in enumerate(plans)]
@@ -55,7 +73,7 @@ def write_shard(plan: ShardPlan, src_fs, out: storage.Location, classes: list[st
         checked = list(pool.map(lambda item: _load_sample(item, src_fs, max_pixels, images), plan.inputs))
     buf = io.BytesIO()
     samples, rejects, per_class = 0, [], {}
-    with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0.0, encoder=False) as tar:
+    with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
         for item, (sample, reason) in zip(plan.inputs, checked):
             if reason:
                 rejects.append({"source": item.source, "reason": reason})

@@ -229,3 +229,46 @@ def _keys(out: Path, info: dict) -> set[str]:
 def _labels(path: Path) -> list[int]:
     with tarfile.open(path) as tar:
         return [int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls")]
+
+
+def test_shard_max_mb_bounds_the_tar_size(ray_session, tmp_path):
+    """Small images are mostly tar headers: the byte limit counts them, not just the image bytes."""
+    write_imagefolder(tmp_path / "raw", {"a": 30, "b": 30}, size=(16, 16))
+    limit_mb = 0.04
+    manifest = prepare(tmp_path / "raw", tmp_path / "out", shard_max_mb=limit_mb, split={"train": 1.0})
+    shards = manifest["splits"]["train"]["shards"]
+    sizes = [(tmp_path / "out" / s["path"]).stat().st_size for s in shards]
+    assert sizes == [s["bytes"] for s in shards] and max(sizes) <= limit_mb * 2**20
+    assert sum(s["samples"] for s in shards) == 60 and len(shards) >= 60 * 3 * 1024 // (limit_mb * 2**20)
+
+
+def test_flat_default_pattern_wants_label_dot_id(ray_session, tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(10):
+        (root / f"cat.{i}.jpg").write_bytes(jpeg_bytes(seed=i))
+        (root / f"dog.{i}.jpg").write_bytes(jpeg_bytes(seed=50 + i))
+    (root / "IMG_0001.jpg").write_bytes(jpeg_bytes(seed=99))
+    manifest = prepare(root, tmp_path / "out", max_reject_fraction=0.1)
+    assert manifest["classes"] == ["cat", "dog"] and (manifest["samples"], manifest["rejected"]) == (20, 1)
+
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    for i in range(25):
+        (camera / f"IMG_{i:04d}.jpg").write_bytes(jpeg_bytes(seed=i))
+    with pytest.raises(ValueError, match=r"label_pattern '\^\(\?P<label>\[\^\.\]\+\)\\\\\.' gives 25 classes for 25 files .* captures more than the class"):
+        prepare(camera, tmp_path / "out2", layout="flat", label_pattern=r"^(?P<label>[^.]+)\.")
+
+
+def test_a_failed_rerun_leaves_no_manifest_behind(ray_session, tmp_path):
+    write_imagefolder(tmp_path / "raw", {"a": 6, "b": 6})
+    out = tmp_path / "out"
+    prepare(tmp_path / "raw", out)
+    assert (out / "manifest.json").is_file()
+    for name, data in bad_files().items():
+        (tmp_path / "raw" / "a" / f"{name}.jpg").write_bytes(data)
+    with pytest.raises(PrepareError, match=r"4 of 16 inputs \(25.0%\) were rejected"):
+        prepare(tmp_path / "raw", out, max_reject_fraction=0.1)
+    # The shards were rewritten; the old manifest would vouch for them: it is gone, and so is classes.json.
+    assert not (out / "manifest.json").exists() and not (out / "classes.json").exists()
+    assert len(read_errors(out / "errors.jsonl")) == 4
