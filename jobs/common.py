@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from ray.exceptions import RayTaskError
+
 from pipeline import runtime, storage
 from pipeline.config import Config, ConfigError, dump_config, load_config
 
@@ -35,10 +37,10 @@ def start(cfg: Config, output: str, key: str) -> storage.Location:
     try:
         out = storage.resolve(output, cfg.storage)
         storage.check_writable(out)
+        runtime.connect(cfg.ray)
+        storage.write_bytes(out.join("config.yaml"), dump_config(cfg).encode())
     except storage.StorageError as exc:
         sys.exit(f"imgpipe: {exc}")
-    runtime.connect(cfg.ray)
-    storage.write_bytes(out.join("config.yaml"), dump_config(cfg).encode())
     return out
 
 
@@ -48,4 +50,6 @@ def run_job(job: str, fn, *args) -> object:
         return fn(*args)
     except (ConfigError, storage.StorageError, ValueError, FileNotFoundError) as exc:
         log.debug("failure", exc_info=True)
-        sys.exit(f"imgpipe {job}: {exc}")
+        # An error raised inside a Ray task arrives wrapped, its message behind a traceback.
+        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+        sys.exit(f"imgpipe {job}: {cause}")

@@ -83,6 +83,7 @@ class FeaturesConfig(Section):
 
     source: str = ""
     output: str = ""
+    source_kind: Literal["auto", "shards", "imagefolder", "images"] = "auto"  # auto: shards if a manifest, else by folder depth
     splits: Optional[list[str]] = None  # prepared shards: which splits; None = all
     batch_size: int = Field(default=64, ge=1)
     dtype: Literal["float16", "float32"] = "float16"  # of the stored embeddings
@@ -113,6 +114,7 @@ class ClassifyConfig(Section):
 
     source: str = ""
     output: str = ""
+    source_kind: Literal["auto", "shards", "imagefolder", "images"] = "auto"  # images: unlabelled, whatever the folders
     splits: Optional[list[str]] = None  # prepared shards: which splits; None = all
     head: Optional[str] = None  # a train-head output; None: the backbone's own classifier
     top_k: int = Field(default=5, ge=1)

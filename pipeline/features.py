@@ -39,6 +39,7 @@ log = logging.getLogger("imgpipe")
 RUN_FILE = "features.json"  # the run's identity, its parts, and (when complete) its counts
 ERRORS_FILE = "errors.jsonl"
 META = "imgpipe."  # prefix of our keys in Parquet file metadata
+PART_NAME = re.compile(r"[^/]+/part-[^/]+\.parquet")
 PASSTHROUGH = (schema.KEY, schema.LABEL, schema.SOURCE, schema.SHARD, schema.ERROR)
 Batch = dict[str, np.ndarray]
 
@@ -57,18 +58,28 @@ class ActorPlan:
 
 
 def plan_actors(requested: int | None, batches: int | None = None) -> ActorPlan:
+    """`size_actors` for the connected cluster."""
+    single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
+    cpus = runtime.cluster_cpus()
+    return size_actors(requested, batches, cpus, runtime.cluster_gpus(), (os.cpu_count() or 1) if single_node else cpus)
+
+
+def size_actors(requested: int | None, batches: int | None, cpus: int, gpus: int, cores: int) -> ActorPlan:
     """One actor per GPU when the cluster has GPUs. On CPUs: single-threaded actors, one per
     CPU, after leaving a quarter of the CPUs (one at least) to the read and decode tasks, which
     otherwise starve while Ray waits for ever without an error (RAY-NOTES). Separate actors beat
     intra-op threads for these small convnets (measured on 2 cores, Lite0: 2 actors x 1 thread
-    45 img/s, 1 actor x 2 threads 36 img/s). On a single machine (embedded Ray has more logical
-    CPUs than cores) the actors are capped at its cores, and never outnumber the `batches`."""
-    gpus, cpus = runtime.cluster_gpus(), runtime.cluster_cpus()
-    if gpus:  # the GPU does the work; the actor's CPU only pins and copies uint8 batches
-        return ActorPlan(requested or min(gpus, batches or gpus), 1.0, 1.0, 1)
+    45 img/s, 1 actor x 2 threads 36 img/s). `cores` caps the CPU actors (on one machine,
+    embedded Ray has more logical CPUs than cores); they never outnumber the `batches`."""
+    if gpus:
+        if requested and requested > gpus:
+            raise ValueError(f"{requested} model actors asked for, but the cluster has {gpus} GPUs and each actor takes one "
+                             "(the extra actors would wait for ever); set features.actors / classify.actors to at most "
+                             f"{gpus}, or leave it unset")
+        # The GPU does the work; the actor's CPU only pins and copies uint8 batches. A small
+        # CPU share leaves the node's CPUs to the read and decode tasks that feed the GPU.
+        return ActorPlan(requested or min(gpus, batches or gpus), max(0.1, min(1.0, cpus / gpus / 4)), 1.0, 1)
     free = max(1.0, cpus - max(1, cpus // 4))
-    single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
-    cores = (os.cpu_count() or 1) if single_node else cpus
     size = requested or max(1, min(int(free), cores, batches or cores))
     per_actor = max(0.25, free / size)
     # Intra-op threads only when asked for fewer, bigger actors; never more than the cores.
@@ -169,11 +180,7 @@ def check_part_names(units: Sequence[Unit]) -> None:
 
 def missing_units(out: storage.Location, units: Sequence[Unit]) -> list[Unit]:
     """The units whose part is not there yet (parts are written atomically: there = finished)."""
-    try:
-        infos = out.fs.get_file_info(pafs.FileSelector(out.path, recursive=True, allow_not_found=True))
-    except OSError as exc:
-        raise storage.explain(exc, out.uri) from None
-    present = {i.path for i in infos if i.type == pafs.FileType.File}
+    present = set(_part_files(out))
     return [u for u in units if out.join(part_path(u)).path not in present]
 
 
@@ -199,7 +206,12 @@ class PartSink:
         shards = np.asarray(batch[schema.SHARD])
         for name in np.unique(shards):
             rows = _take(batch, shards == name)
-            if name not in self.units or name in self.written:
+            if name in self.written:
+                # Its part holds `count` distinct keys already, so these can only be repeats
+                # (a retried read task): its part stays as written.
+                log.warning("ignored %d repeated rows of %s, whose part is already written", len(rows[schema.KEY]), name)
+                continue
+            if name not in self.units:
                 self.extra[name] += len(rows[schema.KEY])
                 continue
             rows = self._new_rows(name, rows)
@@ -221,6 +233,9 @@ class PartSink:
         """Write one unit's part (Parquet, atomic) with its rejects in the file metadata."""
         rows = _concat(self.buffers.pop(unit.name))
         self.keys.pop(unit.name, None)
+        # Rows arrive in whatever order the actors finish; sorted by key, a part's bytes depend
+        # only on its inputs, and whatever reads the parts (head training) sees a fixed order.
+        rows = _take(rows, np.argsort(np.asarray(rows[schema.KEY]).astype(str), kind="stable"))
         errors = np.asarray(rows[schema.ERROR]).astype(str)
         good = errors == ""
         rejects = [
@@ -228,7 +243,7 @@ class PartSink:
             for k, s, e in zip(rows[schema.KEY][~good], rows[schema.SOURCE][~good], errors[~good])
         ]
         table = self.make_table(_take(rows, good))
-        meta = {**self.metadata, "unit": unit.name, "split": unit.split, "inputs": str(unit.count), "rejects": json.dumps(rejects)}
+        meta = {**self.metadata, "unit": unit.name, "split": unit.split, "inputs": str(unit.count), "unit_digest": unit.digest, "rejects": json.dumps(rejects)}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{f"{META}{k}": v for k, v in meta.items()}})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
@@ -247,8 +262,9 @@ class PartSink:
             )
 
 
-def _take(batch: Batch, mask: np.ndarray) -> Batch:
-    return {k: np.asarray(v)[mask] for k, v in batch.items()}
+def _take(batch: Batch, pick: np.ndarray) -> Batch:
+    """The rows that `pick` (a boolean mask or an index array) selects, in its order."""
+    return {k: np.asarray(v)[pick] for k, v in batch.items()}
 
 
 def _concat(parts: list[Batch]) -> Batch:
@@ -302,8 +318,8 @@ def verify_parts(out: storage.Location, units: Sequence[Unit]) -> dict:
     with ThreadPoolExecutor(max_workers=16) as pool:
         infos = list(pool.map(lambda p: read_part_info(out.join(p)), paths))
     for unit, info in zip(units, infos):
-        if info.rows + len(info.rejects) != unit.count or info.metadata.get("unit") != unit.name:
-            raise ValueError(f"{info.path}: holds {info.rows} rows + {len(info.rejects)} rejects of unit {info.metadata.get('unit')}, expected {unit.count} of {unit.name}; delete it and rerun")
+        if info.rows + len(info.rejects) != unit.count or info.metadata.get("unit") != unit.name or info.metadata.get("unit_digest", "") != unit.digest:
+            raise ValueError(f"{info.path}: holds {info.rows} rows + {len(info.rejects)} rejects of unit {info.metadata.get('unit')}, expected {unit.count} of {unit.name} ({unit.digest or 'no digest'}, it has {info.metadata.get('unit_digest') or 'none'}); delete it and rerun")
     keys = read_parts(out, paths, [schema.KEY]).column(schema.KEY) if paths else pa.array([], pa.string())
     unique = len(pc.unique(keys)) if len(keys) else 0
     if unique != len(keys):
@@ -319,33 +335,65 @@ def verify_parts(out: storage.Location, units: Sequence[Unit]) -> dict:
     return {"inputs": sum(u.count for u in units), "rows": rows, "rejected": len(rejects), "splits": dict(by_split), "parts": paths, "rejects": rejects}
 
 
-def write_run_file(out: storage.Location, name: str, identity: dict, result: dict | None) -> None:
-    """The run's identity (what these parts are) and, once verified, its counts."""
-    body = {"identity": identity, "complete": result is not None}
+def write_run_file(out: storage.Location, name: str, identity: dict, result: dict | None, units: Sequence[Unit] = ()) -> None:
+    """The run's identity (what made these parts), the units it holds, and, once verified, its counts."""
+    body = {"identity": identity, "units": {u.name: u.describe() for u in units}, "complete": result is not None}
     if result is not None:
         body.update({k: v for k, v in result.items() if k != "rejects"})
     storage.write_bytes(out.join(name), json.dumps(body, indent=1).encode())
 
 
-def check_same_run(out: storage.Location, name: str, identity: dict, overwrite: bool = False) -> None:
-    """A rerun may only complete parts of the same run: same input, model and output format.
-    Another run's output is refused, or with `overwrite` deleted (its parts and run file)."""
+def plan_run(out: storage.Location, name: str, identity: dict, units: Sequence[Unit], overwrite: bool = False) -> tuple[list[Unit], list[Unit]]:
+    """(every unit the output will hold, the units still to write).
+
+    A rerun completes the parts of the same run: same model, output format and source, and
+    units with the same content (a re-prepared dataset has new shard checksums even where
+    names and counts stay). Units of other splits that an earlier run of the same kind wrote
+    are kept, so splits can be embedded one at a time. Another run's output is refused, or
+    with `overwrite` deleted first.
+    """
+    previous = _previous_units(out, name, identity, units, overwrite)
+    held = {n: Unit(n, d["split"], int(d["count"]), (), digest=d.get("digest", "")) for n, d in previous.items()}
+    held.update({u.name: u for u in units})
+    every = sorted(held.values(), key=lambda u: (u.split, u.name))
+    check_part_names(every)
+    return every, missing_units(out, units)
+
+
+def _previous_units(out: storage.Location, name: str, identity: dict, units: Sequence[Unit], overwrite: bool) -> dict[str, dict]:
+    """The units an earlier run of this same job recorded; {} when there is none (or it was deleted)."""
     loc = out.join(name)
-    if not storage.exists(loc):
-        return
-    previous = json.loads(storage.read_bytes(loc)).get("identity", {})
-    differs = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-    if not differs:
-        return
+    if storage.exists(loc):
+        previous = json.loads(storage.read_bytes(loc))
+        differs = sorted(k for k in set(previous.get("identity", {})) | set(identity) if previous.get("identity", {}).get(k) != identity.get(k))
+        recorded = previous.get("units", {})
+        changed = sorted(u.name for u in units if u.name in recorded and recorded[u.name] != u.describe())
+        if changed:
+            differs.append(f"the content of {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} (was the input prepared again?)")
+        if not differs:
+            return recorded
+    else:
+        present = _part_files(out)
+        if not present:
+            return {}
+        differs = [f"{len(present)} parts there have no {name}"]
     if not overwrite:
-        raise ValueError(f"{out.uri} already holds the output of another run (it differs in {', '.join(differs)}); "
+        raise ValueError(f"{out.uri} already holds the output of another run (it differs in {'; '.join(differs)}); "
                          "choose a new output, delete the old one, or set overwrite=true")
-    log.warning("%s holds the output of another run (it differs in %s): deleting it", out.uri, ", ".join(differs))
-    infos = out.fs.get_file_info(pafs.FileSelector(out.path, recursive=True))
-    for info in infos:
-        if info.type == pafs.FileType.File and re.fullmatch(r"[^/]+/part-[^/]+\.parquet", info.path[len(out.path):].lstrip("/")):
-            out.fs.delete_file(info.path)
-    out.fs.delete_file(loc.path)
+    log.warning("%s holds the output of another run (it differs in %s): deleting it", out.uri, "; ".join(differs))
+    for path in _part_files(out):
+        out.fs.delete_file(path)
+    if storage.exists(loc):
+        out.fs.delete_file(loc.path)
+    return {}
+
+
+def _part_files(out: storage.Location) -> list[str]:
+    try:
+        infos = out.fs.get_file_info(pafs.FileSelector(out.path, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise storage.explain(exc, out.uri) from None
+    return [i.path for i in infos if i.type == pafs.FileType.File and PART_NAME.fullmatch(i.path[len(out.path):].lstrip("/"))]
 
 
 def write_errors(out: storage.Location, rejects: list[dict]) -> None:
@@ -379,24 +427,22 @@ def run(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig)
     Ray must be connected."""
     if not cfg.source or not cfg.output:
         raise ValueError("features needs features.source and features.output (URIs or local paths)")
-    source = open_images(cfg.source, storage_cfg, splits=cfg.splits)
+    source = open_images(cfg.source, storage_cfg, kind=cfg.source_kind, splits=cfg.splits)
     out = storage.resolve(cfg.output, storage_cfg)
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
     dim = create_backbone(weights).dim
-    check_part_names(source.units)
     metadata = {
         **{k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in weights.describe().items()},
         "dim": str(dim), "dtype": cfg.dtype, "classes": json.dumps(list(source.classes or [])), "source": source.location.uri,
     }
-    identity = {**metadata, "kind": source.kind, "units": {u.name: u.count for u in source.units}}
-    check_same_run(out, RUN_FILE, identity, cfg.overwrite)
-    todo = missing_units(out, source.units)
+    identity = {**metadata, "kind": source.kind}
+    every, todo = plan_run(out, RUN_FILE, identity, source.units, cfg.overwrite)
     log.info("features: %d inputs in %d parts; %d parts to write, %d already there", source.count, len(source.units), len(todo), len(source.units) - len(todo))
     if todo:
-        write_run_file(out, RUN_FILE, identity, None)
+        write_run_file(out, RUN_FILE, identity, None, every)
         sink = PartSink(out, todo, features_table(dim, cfg.dtype), metadata)
         stream_units(source, todo, weights, Embedder, {"dtype": cfg.dtype}, cfg.batch_size, cfg.actors, sink)
-    result = verify_parts(out, source.units)
+    result = verify_parts(out, every)
     write_errors(out, result["rejects"])
-    write_run_file(out, RUN_FILE, identity, {**result, "written": len(todo), "dim": dim})
+    write_run_file(out, RUN_FILE, identity, {**result, "written": len(todo), "dim": dim}, every)
     return {**result, "written": len(todo), "dim": dim, "output": out.uri}

@@ -106,7 +106,9 @@ def resolve_weights(name: str, weights: str = "DEFAULT", storage_cfg: StorageCon
 
 def create_backbone(weights: ResolvedWeights) -> Backbone:
     """Build the architecture, load the resolved tensors, split off the final linear layer."""
-    with torch.random.fork_rng():
+    # devices=[]: forking the CUDA generators would start a CUDA context on every visible GPU
+    # of the driver, which only builds the model to read its shape.
+    with torch.random.fork_rng(devices=[]):
         # weights=none: the same random init in every actor and every run, so embeddings agree.
         torch.manual_seed(0)
         model = _architecture(weights.backbone)

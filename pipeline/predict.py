@@ -16,10 +16,7 @@ import torch
 
 from pipeline import report, schema, storage
 from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig
-from pipeline.features import (
-    Batch, Embedder, PartSink, check_part_names, check_same_run, missing_units, read_parts, stream_units, verify_parts, write_errors,
-    write_run_file,
-)
+from pipeline.features import Batch, Embedder, PartSink, plan_run, read_parts, stream_units, verify_parts, write_errors, write_run_file
 from pipeline.heads import create_head, load_head
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.preprocessing import Preprocessing
@@ -106,29 +103,27 @@ def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig)
     when the input is labelled, accuracy. Ray must be connected."""
     if not cfg.source or not cfg.output:
         raise ValueError("classify needs classify.source and classify.output (URIs or local paths)")
-    source = open_images(cfg.source, storage_cfg, splits=cfg.splits)
+    source = open_images(cfg.source, storage_cfg, kind=cfg.source_kind, splits=cfg.splits)
     out = storage.resolve(cfg.output, storage_cfg)
     weights, head, classes, model_name, head_digest = resolve_model(model_cfg, cfg.head, storage_cfg)
-    check_part_names(source.units)
     index = {name: i for i, name in enumerate(classes)}
     label_map = np.array([index.get(c, -1) for c in (source.classes or ())], dtype=np.int64)
     k = min(cfg.top_k, len(classes))
     metadata = {"model": model_name, **{key: json.dumps(v) if isinstance(v, dict) else str(v) for key, v in weights.describe().items()},
                 "head": cfg.head or "", "head_sha256": head_digest, "classes": json.dumps(classes), "top_k": str(k), "source": source.location.uri}
-    identity = {**metadata, "kind": source.kind, "units": {u.name: u.count for u in source.units}}
-    check_same_run(out, RUN_FILE, identity, cfg.overwrite)
-    todo = missing_units(out, source.units)
+    identity = {**metadata, "kind": source.kind}
+    every, todo = plan_run(out, RUN_FILE, identity, source.units, cfg.overwrite)
     log.info("classify with %s: %d inputs in %d parts; %d parts to write", model_name, source.count, len(source.units), len(todo))
     if todo:
-        write_run_file(out, RUN_FILE, identity, None)
+        write_run_file(out, RUN_FILE, identity, None, every)
         sink = PartSink(out, todo, predictions_table(classes, label_map), metadata)
         stream_units(source, todo, weights, Classifier, {"head": head, "top_k": k}, cfg.batch_size, cfg.actors, sink)
-    result = verify_parts(out, source.units)
-    result["metrics"] = accuracy_summary(out, source.units, result["parts"], classes, k)
+    result = verify_parts(out, every)
+    result["metrics"] = accuracy_summary(out, every, result["parts"], classes, k)
     write_errors(out, result["rejects"])
     if result["metrics"] and len(classes) <= MAX_PLOTTED_CLASSES:
         storage.write_bytes(out.join("confusion.png"), report.plot_confusion(result["metrics"]["all"]["confusion_matrix"], classes, "confusion matrix (every labelled row)"))
-    write_run_file(out, RUN_FILE, identity, {**result, "written": len(todo)})
+    write_run_file(out, RUN_FILE, identity, {**result, "written": len(todo)}, every)
     return {**result, "written": len(todo), "output": out.uri, "model": model_name}
 
 

@@ -8,8 +8,10 @@ the units whose part is missing), and reordering units per epoch is the shard-or
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
+import logging
 import posixpath
 import tarfile
 from dataclasses import dataclass, field, replace
@@ -19,6 +21,8 @@ import ray
 
 from pipeline import layouts, schema, storage
 from pipeline.config import IMAGE_EXTENSIONS, StorageConfig
+
+log = logging.getLogger("imgpipe")
 
 MANIFEST = "manifest.json"
 CLASSES = "classes.json"
@@ -37,6 +41,11 @@ class Unit:
     paths: tuple[str, ...]  # filesystem paths: the shard, or the raw files
     labels: tuple[int, ...] = ()  # raw files: one label per path (-1: unlabelled)
     keys: tuple[str, ...] = ()  # raw files: one sample key per path
+    digest: str = ""  # what the unit holds: the shard's sha256, or a hash of the files' keys and sizes
+
+    def describe(self) -> dict:
+        """JSON-ready identity of the unit, for run files: a changed input shows as a changed unit."""
+        return {"split": self.split, "count": self.count, "digest": self.digest}
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,9 @@ def open_images(
     if kind == "imagefolder" or (kind == "auto" and depths == {1}):
         found = layouts.imagefolder(loc, files, None)
         source = _raw_source(loc, "imagefolder", tuple(found.classes), found.inputs, chunk_size)
+        if kind == "auto":
+            log.info("%s: every image is one folder deep: read as an ImageFolder, %d classes from the folder names "
+                     "(source_kind=images reads them unlabelled)", uri, len(found.classes))
     else:
         source = _raw_source(loc, "images", None, layouts.unlabelled(loc, files), chunk_size)
     return source.select(splits)
@@ -111,7 +123,10 @@ def open_images(
 def _open_shards(loc: storage.Location) -> ImageSource:
     manifest = json.loads(storage.read_bytes(loc.join(MANIFEST)))
     units = [
-        Unit(posixpath.basename(s["path"]).removesuffix(".tar"), split, s["samples"], (posixpath.join(loc.path, s["path"]),))
+        Unit(
+            posixpath.basename(s["path"]).removesuffix(".tar"), split, s["samples"], (posixpath.join(loc.path, s["path"]),),
+            digest=f"sha256:{s['sha256']}" if s.get("sha256") else "",
+        )
         for split, info in manifest["splits"].items()
         for s in info["shards"]
     ]
@@ -126,9 +141,17 @@ def _raw_source(loc, kind, classes, inputs: list, chunk_size: int) -> ImageSourc
             Unit(
                 f"chunk-{n:06d}", RAW_SPLIT, len(chunk),
                 tuple(i.path for i in chunk), tuple(i.label for i in chunk), tuple(i.key for i in chunk),
+                _chunk_digest(chunk),
             )
         )
     return ImageSource(loc, kind, classes, tuple(units))
+
+
+def _chunk_digest(chunk: list) -> str:
+    # Listing data only (no reads): a file added, removed, renamed, relabelled or resized
+    # changes the digest of its chunk.
+    text = "\n".join(f"{i.key}\t{i.label}\t{i.size}" for i in chunk)
+    return "files:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _read_files(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
@@ -145,20 +168,38 @@ def _read_files(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
 def _read_shard(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
     path = unit["paths"][0]
     shard_uri = f"{uri}/{path[len(root):].lstrip('/')}"
-    data = storage.read_bytes(storage.Location(fs, path, shard_uri))
+    # A shard that is missing or not a tar fails the job: the prepared dataset is damaged, and
+    # its samples cannot even be named as rejects.
+    try:
+        data = storage.read_bytes(storage.Location(fs, path, shard_uri))
+    except storage.StorageError as exc:
+        raise storage.StorageError(f"{exc}. The prepared dataset {uri} is incomplete: run `imgpipe prepare` again") from None
     samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if member.isfile():
-                key, ext = _split_member(member.name)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    key, ext = _split_member(member.name)
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except tarfile.TarError as exc:
+        raise ValueError(f"{shard_uri}: not a readable tar ({exc}); the shard is damaged: run `imgpipe prepare` again") from None
     for key, parts in samples.items():
         ext = next((e for e in parts if e in IMAGE_EXTENSIONS), None)
-        label = int(parts["cls"]) if "cls" in parts else schema.UNLABELED
+        label, error = _shard_label(parts.get("cls"))
         if ext is None:
-            yield _row(key, b"", label, f"{shard_uri}:{key}", unit["name"], "no image member in shard sample")
-        else:
-            yield _row(key, parts[ext], label, f"{shard_uri}:{key}.{ext}", unit["name"], "")
+            error = error or "no image member in shard sample"
+        source = f"{shard_uri}:{key}.{ext}" if ext else f"{shard_uri}:{key}"
+        yield _row(key, parts[ext] if ext and not error else b"", label, source, unit["name"], error)
+
+
+def _shard_label(cls: bytes | None) -> tuple[int, str]:
+    """(label, "") from a sample's `.cls`, unlabelled without one; (-1, reason) when it is not an integer."""
+    if cls is None:
+        return schema.UNLABELED, ""
+    try:
+        return int(cls), ""
+    except ValueError:
+        return schema.UNLABELED, f"bad .cls member {cls[:20]!r}: not an integer label"
 
 
 def _row(key: str, image: bytes, label: int, source: str, shard: str, error: str) -> dict:

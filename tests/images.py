@@ -100,6 +100,7 @@ def exif_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
 def write_shards(root: Path, splits: dict[str, list[tuple[str, bytes, int]]], per_shard: int, classes: list[str]) -> dict:
     """A prepared dataset as `imgpipe prepare` lays it out: `<split>-NNNNNN.tar` WebDataset shards
     of (key, image bytes, label) samples, `<key>.jpg` + `<key>.cls`, and manifest.json."""
+    import hashlib
     import json
 
     import webdataset as wds
@@ -114,7 +115,7 @@ def write_shards(root: Path, splits: dict[str, list[tuple[str, bytes, int]]], pe
             with wds.TarWriter(str(root / name), encoder=False) as tar:
                 for key, data, label in chunk:
                     tar.write({"__key__": key, "jpg": data, "cls": str(label).encode()})
-            shards.append({"path": name, "samples": len(chunk)})
+            shards.append({"path": name, "samples": len(chunk), "sha256": hashlib.sha256((root / name).read_bytes()).hexdigest()})
         manifest["splits"][split] = {"shards": shards, "samples": len(samples)}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return manifest

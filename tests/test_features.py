@@ -108,3 +108,67 @@ def test_bad_images_become_counted_listed_rejects(ray_session, tmp_path):
     part = pq.read_table(tmp_path / "feats" / "all" / "part-000000.parquet")
     assert part.num_rows == 6 and part.schema.field(schema.EMBEDDING).type == pa.list_(pa.float32(), 1280)
     assert len(json.loads(part.schema.metadata[b"imgpipe.rejects"])) == 4
+
+
+def test_splits_one_at_a_time_reprepared_input_and_a_missing_shard(ray_session, tmp_path):
+    """Splits embedded in turn land in one output; an input prepared again is not taken for the
+    old one (same shard names and counts, other content); a missing shard is one clear error."""
+    write_imagefolder(tmp_path / "raw", {"blue": 10, "red": 10})
+    prep = PrepareConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "prepared"), shard_max_samples=4)
+    manifest = prepare(prep, StorageConfig())
+    n = {s: info["samples"] for s, info in manifest["splits"].items()}
+    shards = {s: len(info["shards"]) for s, info in manifest["splits"].items()}
+    cfg = FeaturesConfig(source=prep.output, output=str(tmp_path / "feats"), batch_size=8, splits=["train"])
+    assert features.run(ModelConfig(), cfg, StorageConfig())["written"] == shards["train"]
+    both = features.run(ModelConfig(), cfg.model_copy(update={"splits": ["val"]}), StorageConfig())
+    assert both["written"] == shards["val"] and both["rows"] == n["train"] + n["val"]
+    assert set(both["splits"]) == {"train", "val"} and len(both["parts"]) == shards["train"] + shards["val"]
+    assert features.run(ModelConfig(), cfg, StorageConfig())["written"] == 0
+
+    again = prepare(prep.model_copy(update={"seed": 1}), StorageConfig())
+    assert {s: i["samples"] for s, i in again["splits"].items()} == n  # same names and counts
+    with pytest.raises(ValueError, match=r"differs in the content of train-000000.*prepared again"):
+        features.run(ModelConfig(), cfg, StorageConfig())
+    redone = features.run(ModelConfig(), cfg.model_copy(update={"overwrite": True}), StorageConfig())
+    assert redone["written"] == shards["train"] and set(redone["splits"]) == {"train"}  # the stale val parts went too
+    assert not (tmp_path / "feats" / "val").exists() or not list((tmp_path / "feats" / "val").iterdir())
+
+    (tmp_path / "prepared" / "test-000000.tar").unlink()
+    with pytest.raises(storage.StorageError, match=r"test-000000.tar: no such file.*is incomplete: run `imgpipe prepare` again"):
+        features.run(ModelConfig(), cfg.model_copy(update={"splits": ["test"]}), StorageConfig())
+
+
+def test_actor_sizing_for_cpus_and_gpus():
+    cpu = features.size_actors(None, None, cpus=4, gpus=0, cores=2)
+    assert (cpu.size, cpu.num_gpus, cpu.threads) == (2, 0.0, 1) and cpu.num_cpus == 1.5
+    assert features.size_actors(None, 1, cpus=4, gpus=0, cores=2).size == 1  # never more actors than batches
+    gpu = features.size_actors(None, None, cpus=32, gpus=4, cores=32)
+    assert (gpu.size, gpu.num_gpus, gpu.num_cpus) == (4, 1.0, 1.0)
+    assert features.size_actors(None, None, cpus=4, gpus=4, cores=4).num_cpus == 0.25  # CPUs stay free for decoding
+    with pytest.raises(ValueError, match=r"5 model actors asked for, but the cluster has 4 GPUs"):
+        features.size_actors(5, None, cpus=32, gpus=4, cores=32)
+
+
+def test_part_sink_writes_each_unit_once_and_names_what_does_not_add_up(tmp_path):
+    from pipeline.sources import Unit
+
+    out = storage.resolve(str(tmp_path / "feats"))
+    units = [Unit("train-000000", "train", 3, (), digest="sha256:aa"), Unit("train-000001", "train", 2, (), digest="sha256:bb")]
+
+    def rows(unit: str, keys: list[str], error: str = "") -> dict:
+        n = len(keys)
+        return {schema.KEY: np.array(keys, dtype=object), schema.LABEL: np.zeros(n, np.int64), schema.SOURCE: np.array(keys, dtype=object),
+                schema.SHARD: np.array([unit] * n, dtype=object), schema.ERROR: np.array([error] * n, dtype=object),
+                schema.EMBEDDING: np.ones((n, 4), np.float32)}
+
+    sink = features.PartSink(out, units, features.features_table(4, "float32"), {"dim": "4"})
+    sink.add(rows("train-000000", ["a", "b"]))
+    sink.add(rows("train-000000", ["b", "c"]))  # "b" again (a retried read): kept once
+    sink.add(rows("train-000000", ["c"]))  # after its part was written: ignored
+    sink.add(rows("train-000001", ["d"], error="undecodable image: broken"))
+    sink.add(rows("val-000000", ["e"]))
+    with pytest.raises(ValueError, match=r"train-000001: 1 of 2 samples; val-000000: 1 rows beyond its count"):
+        sink.close()
+    info = features.read_part_info(out.join("train/part-000000.parquet"))
+    assert (info.rows, info.inputs, info.rejects, info.metadata["unit_digest"]) == (3, 3, [], "sha256:aa")
+    assert not (tmp_path / "feats" / "train" / "part-000001.parquet").exists()

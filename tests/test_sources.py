@@ -66,3 +66,30 @@ def test_colliding_keys_are_made_unique(ray_session, tmp_path):
         (root / name).write_bytes(jpeg_bytes())
     keys = sorted(r[schema.KEY] for r in open_images(str(root)).dataset().take_all())
     assert len(set(keys)) == 3 and keys[0] == "x_1"
+
+
+def test_one_folder_deep_prefix_reads_as_classes_or_unlabelled_on_request(tmp_path):
+    root = tmp_path / "camera"
+    for day in ("2024-01-01", "2024-01-02"):
+        (root / day).mkdir(parents=True)
+        for i in range(3):
+            (root / day / f"img_{i}.jpg").write_bytes(jpeg_bytes(seed=i))
+    guessed = open_images(str(root))
+    assert guessed.kind == "imagefolder" and guessed.classes == ("2024-01-01", "2024-01-02")
+    asked = open_images(str(root), kind="images")
+    assert asked.kind == "images" and asked.classes is None and asked.count == 6
+    assert set(asked.units[0].labels) == {schema.UNLABELED}
+
+
+def test_units_carry_what_they_hold(ray_session, tmp_path):
+    """A unit's digest is its content: the shard's sha256, or the listing of its files."""
+    write_imagefolder(tmp_path / "raw", {"a": 4, "b": 4})
+    manifest = prepare(PrepareConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "out"), shard_max_samples=3), StorageConfig())
+    sha = {s["path"].removesuffix(".tar"): s["sha256"] for info in manifest["splits"].values() for s in info["shards"]}
+    assert {u.name: u.digest for u in open_images(str(tmp_path / "out")).units} == {n: f"sha256:{h}" for n, h in sha.items()}
+
+    before = open_images(str(tmp_path / "raw"), chunk_size=5).units
+    assert [u.digest for u in before] == [u.digest for u in open_images(str(tmp_path / "raw"), chunk_size=5).units]
+    (tmp_path / "raw" / "b" / "b_0003.jpg").write_bytes(jpeg_bytes(96, 64, seed=7))  # same name, other bytes
+    after = open_images(str(tmp_path / "raw"), chunk_size=5).units
+    assert after[0].digest == before[0].digest and after[1].digest != before[1].digest
