@@ -170,7 +170,7 @@ def fit(x, y, stats, args, verbose: bool = False):
     seconds = []
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
-        loss, top1 = heads.train_epoch(head, x, torch.from_numpy(y), torch.nn.CrossEntropyLoss(), optimizer, args.batch_size, generator)
+        loss, top1, _ = heads.train_epoch(head, x, torch.from_numpy(y), torch.nn.CrossEntropyLoss(), optimizer, args.batch_size, generator)
         seconds.append(time.perf_counter() - t0)
         if verbose:
             print(f"  end-to-end epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, train top-1 {top1:.3f}, {len(y) / seconds[-1]:.1f} img/s", flush=True)

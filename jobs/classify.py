@@ -4,7 +4,7 @@ bucket of images -> predictions Parquet with top-k."""
 from __future__ import annotations
 
 from jobs.common import parse_config, run_job, start
-from pipeline import predict
+from pipeline import predict, report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -15,8 +15,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model: {result['model']}")
     print(f"inputs {result['inputs']} = classified {result['rows']} + rejected {result['rejected']}; {result['written']} parts written this run")
     for split, m in (result["metrics"] or {}).items():
-        topk = next(k for k in m if k.startswith("top") and k != "top1")
-        print(f"{split:>5}: top-1 {m['top1']:.2%}  {topk} {m[topk]:.2%}  ({m['samples']} labelled)")
+        print(f"{split:>5}: {report.accuracy_text(m)}  ({m['samples']} labelled)")
     print(f"wrote predictions to {result['output']}; rejects in {result['output']}/errors.jsonl")
     return result
 

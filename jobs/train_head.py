@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.common import parse_config, run_job, start
-from pipeline import heads
+from pipeline import heads, report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -14,9 +14,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{cfg.head.kind} head: best epoch {metrics['best_epoch']} of {metrics['epochs_run']}")
     for split in ("train", "val", "test"):
         if split in metrics:
-            m = metrics[split]
-            topk = next(k for k in m if k.startswith("top") and k != "top1")
-            print(f"{split:>5}: top-1 {m['top1']:.2%}  {topk} {m[topk]:.2%}  ({m['samples']} samples)")
+            print(f"{split:>5}: {report.accuracy_text(metrics[split])}  ({metrics[split]['samples']} samples)")
     out = metrics["output"]
     print(f"wrote {out}/head.pt, head.json, metrics.json; plots {out}/curves.png, {out}/confusion.png")
     return metrics

@@ -109,12 +109,13 @@ def choose_splits(data: FeatureSet, val_fraction: float, seed: int) -> dict[str,
     if train_name is None or not len(labelled[train_name][1]):
         raise ValueError(f"no labelled training rows in the features (splits: {sorted(data.x)}); train-head needs labels")
     chosen = {"train": labelled[train_name]}
-    if "val" in labelled and len(labelled["val"][1]):
+    # A split is never both trained on and used to stop or to score.
+    if train_name != "val" and "val" in labelled and len(labelled["val"][1]):
         chosen["val"] = labelled["val"]
     else:
         log.info("no val split: holding out %.0f%% of %s, stratified, for validation", 100 * val_fraction, train_name)
         chosen["train"], chosen["val"] = stratified_holdout(*labelled[train_name], val_fraction, seed)
-    if "test" in labelled and len(labelled["test"][1]):
+    if train_name != "test" and "test" in labelled and len(labelled["test"][1]):
         chosen["test"] = labelled["test"]
     return chosen
 
@@ -179,9 +180,9 @@ def train_head(splits: dict, num_classes: int, cfg: HeadConfig, progress: Callab
     xt, yt = torch.from_numpy(standardized(x_train, mean, std)), torch.from_numpy(y_train)
     history, best, best_state, waited = [], None, None, 0
     for epoch in range(1, cfg.epochs + 1):
-        train_loss, train_top1 = train_epoch(head[1:], xt, yt, loss_fn, optimizer, cfg.batch_size, generator)
+        train_loss, train_top1, train_top5 = train_epoch(head[1:], xt, yt, loss_fn, optimizer, cfg.batch_size, generator)
         val_loss, val_topk = evaluate(head, *splits["val"], loss_fn)
-        row = {"epoch": epoch, "train_loss": train_loss, "train_top1": train_top1, "val_loss": val_loss,
+        row = {"epoch": epoch, "train_loss": train_loss, "train_top1": train_top1, "train_top5": train_top5, "val_loss": val_loss,
                "val_top1": report.topk_accuracy(splits["val"][1], val_topk, 1), "val_top5": report.topk_accuracy(splits["val"][1], val_topk, 5)}
         history.append(row)
         if best is None or val_loss < best["val_loss"]:
@@ -197,11 +198,11 @@ def train_head(splits: dict, num_classes: int, cfg: HeadConfig, progress: Callab
     return head.eval(), spec, history, best
 
 
-def train_epoch(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, optimizer, batch_size: int, generator) -> tuple[float, float]:
-    """One pass over shuffled minibatches; returns the mean loss and top-1 (dropout on)."""
+def train_epoch(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, optimizer, batch_size: int, generator) -> tuple[float, float, float]:
+    """One pass over shuffled minibatches; returns the mean loss, top-1 and top-5 (dropout on)."""
     head.train()
     order = torch.randperm(len(y), generator=generator)
-    total, correct = 0.0, 0
+    total, correct, correct5 = 0.0, 0, 0
     for start in range(0, len(y), batch_size):
         idx = order[start : start + batch_size]
         xb, yb = x[idx].float(), y[idx]
@@ -211,8 +212,10 @@ def train_epoch(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, opti
         loss.backward()
         optimizer.step()
         total += loss.item() * len(idx)
-        correct += int((logits.argmax(1) == yb).sum())
-    return total / len(y), correct / len(y)
+        top = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices
+        correct += int((top[:, 0] == yb).sum())
+        correct5 += int((top == yb[:, None]).any(dim=1).sum())
+    return total / len(y), correct / len(y), correct5 / len(y)
 
 
 @single_threaded
@@ -289,5 +292,5 @@ def write_head(out: storage.Location, head: nn.Module, spec: dict, data: Feature
 def _log_epoch(row: dict, every: int = 1) -> None:
     if row["epoch"] % every and row["epoch"] != 1:
         return
-    log.info("epoch %3d  train loss %.4f top1 %.3f | val loss %.4f top1 %.3f top5 %.3f%s", row["epoch"], row["train_loss"], row["train_top1"],
-             row["val_loss"], row["val_top1"], row["val_top5"], "  *best" if row["best"] else "")
+    log.info("epoch %3d  train loss %.4f top1 %.3f top5 %.3f | val loss %.4f top1 %.3f top5 %.3f%s", row["epoch"], row["train_loss"], row["train_top1"],
+             row["train_top5"], row["val_loss"], row["val_top1"], row["val_top5"], "  *best" if row["best"] else "")

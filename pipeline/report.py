@@ -52,6 +52,12 @@ def classification_metrics(labels: np.ndarray, topk: np.ndarray, classes: Sequen
     }
 
 
+def accuracy_text(metrics: dict) -> str:
+    """`top-1 97.50%  top5 99.80%` from `classification_metrics` (top-k only when k > 1)."""
+    extra = [k for k in metrics if k.startswith("top") and k != "top1"]
+    return f"top-1 {metrics['top1']:.2%}" + "".join(f"  {k} {metrics[k]:.2%}" for k in extra)
+
+
 def plot_history(history: list[dict]) -> bytes:
     """Loss and top-1 accuracy per epoch, train vs validation, as a PNG."""
     epochs = [h["epoch"] for h in history]

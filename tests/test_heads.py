@@ -136,3 +136,23 @@ def test_incomplete_features_are_refused(tmp_path):
         heads.run(HeadConfig(features=str(tmp_path / "f"), output=str(tmp_path / "h")), StorageConfig())
     with pytest.raises(ValueError, match=r"no features.json; point head.features at the output of `imgpipe features`"):
         heads.run(HeadConfig(features=str(tmp_path), output=str(tmp_path / "h")), StorageConfig())
+
+
+def test_a_split_is_never_both_trained_on_and_validated_on():
+    x, y = _blobs(20)
+    data = heads.FeatureSet({"val": x, "test": x[:6]}, {"val": y, "test": y[:6]}, CLASSES, {})
+    chosen = heads.choose_splits(data, 0.25, seed=0)
+    (xt, yt), (xv, yv) = chosen["train"], chosen["val"]
+    assert len(yt) + len(yv) == 60 and len(yv) == 15 and np.bincount(yv).tolist() == [5, 5, 5]
+    assert not {r.tobytes() for r in xt} & {r.tobytes() for r in xv}  # held out, not shared
+    assert len(chosen["test"][1]) == 6
+
+
+def test_epoch_rows_report_train_top5_and_summaries_handle_top1_only():
+    x, y = _blobs(30)
+    _, _, history, _ = heads.train_head({"train": (x, y), "val": _blobs(10, seed=1)}, 3, HeadConfig(epochs=3, lr=1e-2))
+    assert all(h["train_top5"] == 1.0 and 0 < h["train_top1"] <= 1 for h in history)  # 3 classes: top-5 holds them all
+    top1_only = report.classification_metrics(np.array([0, 1, 2, 2]), np.array([[0], [1], [1], [2]]), CLASSES, k=1)
+    assert set(k for k in top1_only if k.startswith("top")) == {"top1"}
+    assert report.accuracy_text(top1_only) == "top-1 75.00%"
+    assert report.accuracy_text(report.classification_metrics(np.array([0, 1]), np.array([[0, 1], [0, 1]]), CLASSES, k=2)) == "top-1 50.00%  top2 100.00%"
