@@ -39,6 +39,7 @@ log = logging.getLogger("imgpipe")
 RUN_FILE = "features.json"  # the run's identity, its parts, and (when complete) its counts
 ERRORS_FILE = "errors.jsonl"
 META = "imgpipe."  # prefix of our keys in Parquet file metadata
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}  # how a run's units are listed (then "all", raw inputs)
 PART_NAME = re.compile(r"[^/]+/part-[^/]+\.parquet")
 PASSTHROUGH = (schema.KEY, schema.LABEL, schema.SOURCE, schema.SHARD, schema.ERROR)
 Batch = dict[str, np.ndarray]
@@ -178,12 +179,6 @@ def check_part_names(units: Sequence[Unit]) -> None:
         seen[path] = unit.name
 
 
-def missing_units(out: storage.Location, units: Sequence[Unit]) -> list[Unit]:
-    """The units whose part is not there yet (parts are written atomically: there = finished)."""
-    present = set(_part_files(out))
-    return [u for u in units if out.join(part_path(u)).path not in present]
-
-
 class PartSink:
     """Driver side: buffers rows by unit; when a unit's rows are all in, writes its part once.
 
@@ -198,7 +193,7 @@ class PartSink:
         self.metadata = metadata
         self.buffers: dict[str, list[Batch]] = defaultdict(list)
         self.keys: dict[str, set[str]] = defaultdict(set)  # of the units still buffering
-        self.written: set[str] = set()
+        self.written: dict[str, np.ndarray] = {}  # unit -> sorted hashes of its keys (8 bytes a row)
         self.extra: dict[str, int] = defaultdict(int)
 
     def add(self, batch: Batch) -> None:
@@ -207,9 +202,12 @@ class PartSink:
         for name in np.unique(shards):
             rows = _take(batch, shards == name)
             if name in self.written:
-                # Its part holds `count` distinct keys already, so these can only be repeats
-                # (a retried read task): its part stays as written.
-                log.warning("ignored %d repeated rows of %s, whose part is already written", len(rows[schema.KEY]), name)
+                # Repeats of written keys (a retried read task) are dropped; a new key means
+                # the unit holds more than its count, which `close` reports.
+                new = ~np.isin(_key_hashes(rows[schema.KEY]), self.written[name])
+                if (~new).any():
+                    log.warning("ignored %d repeated rows of %s, whose part is already written", int((~new).sum()), name)
+                self.extra[name] += int(new.sum())
                 continue
             if name not in self.units:
                 self.extra[name] += len(rows[schema.KEY])
@@ -248,18 +246,25 @@ class PartSink:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         storage.write_bytes(self.out.join(part_path(unit)), sink.getvalue().to_pybytes())
-        self.written.add(unit.name)
+        self.written[unit.name] = np.sort(_key_hashes(rows[schema.KEY]))
         log.info("wrote %s: %d rows, %d rejected (%d/%d parts this run)", part_path(unit), table.num_rows, len(rejects), len(self.written), len(self.units))
 
     def close(self) -> None:
         """After the stream: every unit must have been written, and nothing else seen."""
         short = {n: len(self.keys[n]) for n in self.units if n not in self.written}
+        self.extra = {n: c for n, c in self.extra.items() if c}
         if short or self.extra:
             raise ValueError(
                 "the input did not match its manifest: "
                 + "; ".join([f"{n}: {got} of {self.units[n].count} samples" for n, got in short.items()]
                             + [f"{n}: {c} rows beyond its count" for n, c in self.extra.items()])
             )
+
+
+def _key_hashes(keys) -> np.ndarray:
+    # Within this process str hashes are stable, and 64 bits make a collision between two keys
+    # of one unit (at most thousands) negligible.
+    return np.fromiter((hash(str(k)) for k in keys), dtype=np.int64, count=len(keys))
 
 
 def _take(batch: Batch, pick: np.ndarray) -> Batch:
@@ -343,35 +348,45 @@ def write_run_file(out: storage.Location, name: str, identity: dict, result: dic
     storage.write_bytes(out.join(name), json.dumps(body, indent=1).encode())
 
 
-def plan_run(out: storage.Location, name: str, identity: dict, units: Sequence[Unit], overwrite: bool = False) -> tuple[list[Unit], list[Unit]]:
-    """(every unit the output will hold, the units still to write).
+def plan_run(out: storage.Location, name: str, identity: dict, units: Sequence[Unit], known: Sequence[Unit], overwrite: bool = False) -> tuple[list[Unit], list[Unit]]:
+    """(every unit the output will hold, the units still to write), for a run over `units`,
+    selected from the source's `known` units.
 
     A rerun completes the parts of the same run: same model, output format and source, and
-    units with the same content (a re-prepared dataset has new shard checksums even where
-    names and counts stay). Units of other splits that an earlier run of the same kind wrote
-    are kept, so splits can be embedded one at a time. Another run's output is refused, or
-    with `overwrite` deleted first.
+    units with the same content as the source has now (a re-prepared dataset has new shard
+    checksums even where names and counts stay). Finished units of other splits that an earlier
+    run of the same kind wrote are kept, so splits can be embedded one at a time. Another run's
+    output is refused, or with `overwrite` deleted first.
     """
-    previous = _previous_units(out, name, identity, units, overwrite)
-    held = {n: Unit(n, d["split"], int(d["count"]), (), digest=d.get("digest", "")) for n, d in previous.items()}
+    previous = _previous_units(out, name, identity, known, overwrite)
+    present = set(_part_files(out))
+    held = {
+        n: Unit(n, d["split"], int(d["count"]), (), digest=d.get("digest", ""))
+        for n, d in previous.items()
+        if out.join(part_path(Unit(n, d["split"], 0, ()))).path in present  # an interrupted run's unwritten units are not held
+    }
     held.update({u.name: u for u in units})
-    every = sorted(held.values(), key=lambda u: (u.split, u.name))
+    every = sorted(held.values(), key=lambda u: (SPLIT_ORDER.get(u.split, len(SPLIT_ORDER)), u.split, u.name))
     check_part_names(every)
-    return every, missing_units(out, units)
+    return every, [u for u in units if out.join(part_path(u)).path not in present]
 
 
-def _previous_units(out: storage.Location, name: str, identity: dict, units: Sequence[Unit], overwrite: bool) -> dict[str, dict]:
+def _previous_units(out: storage.Location, name: str, identity: dict, known: Sequence[Unit], overwrite: bool) -> dict[str, dict]:
     """The units an earlier run of this same job recorded; {} when there is none (or it was deleted)."""
     loc = out.join(name)
     if storage.exists(loc):
         previous = json.loads(storage.read_bytes(loc))
-        differs = sorted(k for k in set(previous.get("identity", {})) | set(identity) if previous.get("identity", {}).get(k) != identity.get(k))
-        recorded = previous.get("units", {})
-        changed = sorted(u.name for u in units if u.name in recorded and recorded[u.name] != u.describe())
+        before = previous.get("identity", {})
+        if "units" in before:  # the run files of imgpipe 0.1 before unit digests
+            differs = ["format (written by an older imgpipe, without unit digests)"]
+        else:
+            differs = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+        now = {u.name: u.describe() for u in known}
+        changed = sorted(n for n, d in previous.get("units", {}).items() if now.get(n) != d)
         if changed:
-            differs.append(f"the content of {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} (was the input prepared again?)")
+            differs.append(f"the content of {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} (was the input changed or prepared again?)")
         if not differs:
-            return recorded
+            return previous.get("units", {})
     else:
         present = _part_files(out)
         if not present:
@@ -427,7 +442,8 @@ def run(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig)
     Ray must be connected."""
     if not cfg.source or not cfg.output:
         raise ValueError("features needs features.source and features.output (URIs or local paths)")
-    source = open_images(cfg.source, storage_cfg, kind=cfg.source_kind, splits=cfg.splits)
+    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind)
+    source = full.select(cfg.splits)
     out = storage.resolve(cfg.output, storage_cfg)
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
     dim = create_backbone(weights).dim
@@ -436,7 +452,7 @@ def run(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig)
         "dim": str(dim), "dtype": cfg.dtype, "classes": json.dumps(list(source.classes or [])), "source": source.location.uri,
     }
     identity = {**metadata, "kind": source.kind}
-    every, todo = plan_run(out, RUN_FILE, identity, source.units, cfg.overwrite)
+    every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite)
     log.info("features: %d inputs in %d parts; %d parts to write, %d already there", source.count, len(source.units), len(todo), len(source.units) - len(todo))
     if todo:
         write_run_file(out, RUN_FILE, identity, None, every)

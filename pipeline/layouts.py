@@ -33,6 +33,7 @@ class RawInput:
     source: str  # URI of the file (arrays: URI of the batch file + row)
     path: str = ""  # filesystem path of a file input
     size: int = 0  # bytes (files) or an estimate (arrays), for shard sizing
+    mtime_ns: int = 0  # a file's modification time, as listed (0 when the store gives none)
     index: int = -1  # row of an array input
     split: str = SPLIT_FREE  # set when the dataset fixes it (CIFAR/MNIST test sets)
     problem: str = ""  # a reason to reject this input before reading it
@@ -74,7 +75,7 @@ def discover(loc: storage.Location, layout: str, extensions, label_pattern: str,
 def unlabelled(loc: storage.Location, files) -> list[RawInput]:
     """A bare prefix of images, any depth: inputs without labels (label -1, no problem)."""
     inputs = [
-        RawInput(schema.sample_key(f.path[len(loc.path):].lstrip("/")), schema.UNLABELED, loc.uri_of(f.path), path=f.path, size=f.size)
+        RawInput(schema.sample_key(f.path[len(loc.path):].lstrip("/")), schema.UNLABELED, loc.uri_of(f.path), path=f.path, size=f.size, mtime_ns=f.mtime_ns or 0)
         for f in files
     ]
     return unique_keys(inputs)
@@ -164,7 +165,7 @@ def _cifar10(loc: storage.Location, files) -> Discovery:
         split = "test" if name == "test_batch" else SPLIT_FREE
         start = sum(len(a) for a in images)
         for i, label in enumerate(batch[b"labels"]):
-            inputs.append(RawInput(f"{name}_{i:05d}", int(label), f"{loc.uri_of(info.path)}#{i}", size=3072, index=start + i, split=split))
+            inputs.append(RawInput(f"{name}_{i:05d}", int(label), f"{loc.uri_of(info.path)}#{i}", size=png_size_bound((32, 32, 3)), index=start + i, split=split))
         images.append(data)
     return Discovery("cifar10", classes, inputs, images=np.concatenate(images))
 
@@ -183,16 +184,23 @@ def _mnist(loc: storage.Location, files) -> Discovery:
         start = sum(len(a) for a in images)
         uri = loc.uri_of(img_file.path)
         for i, label in enumerate(labels):
-            inputs.append(RawInput(f"{prefix}_{i:05d}", int(label), f"{uri}#{i}", size=pixels[0].size, index=start + i, split=split))
+            inputs.append(RawInput(f"{prefix}_{i:05d}", int(label), f"{uri}#{i}", size=png_size_bound(pixels[0].shape), index=start + i, split=split))
         images.append(pixels)
     if not images:
         raise ValueError(f"{loc.uri}: no MNIST pair train-images-idx3-ubyte / train-labels-idx1-ubyte found")
     return Discovery("mnist", [str(d) for d in range(10)], inputs, images=np.concatenate(images))
 
 
+def png_size_bound(shape: tuple[int, ...]) -> int:
+    """At most the bytes of an array sample as the PNG prepare writes: stored pixels, a filter
+    byte a row, and the chunks around them (incompressible noise does not shrink)."""
+    return int(np.prod(shape)) + shape[0] + 128
+
+
 def _file_input(loc: storage.Location, info, rel: str, label: int, problem: str) -> RawInput:
     return RawInput(
-        schema.sample_key(rel), label, loc.uri_of(info.path), path=info.path, size=info.size, problem="" if label >= 0 else problem
+        schema.sample_key(rel), label, loc.uri_of(info.path), path=info.path, size=info.size, mtime_ns=info.mtime_ns or 0,
+        problem="" if label >= 0 else problem,
     )
 
 

@@ -103,7 +103,8 @@ def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig)
     when the input is labelled, accuracy. Ray must be connected."""
     if not cfg.source or not cfg.output:
         raise ValueError("classify needs classify.source and classify.output (URIs or local paths)")
-    source = open_images(cfg.source, storage_cfg, kind=cfg.source_kind, splits=cfg.splits)
+    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind)
+    source = full.select(cfg.splits)
     out = storage.resolve(cfg.output, storage_cfg)
     weights, head, classes, model_name, head_digest = resolve_model(model_cfg, cfg.head, storage_cfg)
     index = {name: i for i, name in enumerate(classes)}
@@ -112,7 +113,7 @@ def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig)
     metadata = {"model": model_name, **{key: json.dumps(v) if isinstance(v, dict) else str(v) for key, v in weights.describe().items()},
                 "head": cfg.head or "", "head_sha256": head_digest, "classes": json.dumps(classes), "top_k": str(k), "source": source.location.uri}
     identity = {**metadata, "kind": source.kind}
-    every, todo = plan_run(out, RUN_FILE, identity, source.units, cfg.overwrite)
+    every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite)
     log.info("classify with %s: %d inputs in %d parts; %d parts to write", model_name, source.count, len(source.units), len(todo))
     if todo:
         write_run_file(out, RUN_FILE, identity, None, every)

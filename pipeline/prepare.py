@@ -10,21 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import re
 from collections import defaultdict
 
 import numpy as np
 import ray
 from tqdm import tqdm
 
-from pipeline import storage
+from pipeline import schema, storage
 from pipeline.config import PrepareConfig, StorageConfig
 from pipeline.layouts import SPLIT_FREE, RawInput, discover
 from pipeline.shards import ShardPlan, build_manifest, plan_shards, write_shard
 
 log = logging.getLogger("imgpipe")
 SPLITS = ("train", "val", "test")
-SHARD_NAME = re.compile(r"(train|val|test)-\d{6}\.tar")
 
 
 class PrepareError(ValueError):
@@ -44,7 +42,7 @@ def run(cfg: PrepareConfig, storage_cfg: StorageConfig) -> dict:
     plans = [
         plan
         for split, items in splits.items()
-        for plan in plan_shards(split, items, cfg.shard_max_samples, int(cfg.shard_max_mb * 2**20))
+        for plan in plan_shards(split, items, cfg.shard_max_samples, int(cfg.shard_max_mb * 2**20), found.classes)
     ]
     _unmark_finished(out)
     results = write_all(plans, src.fs, out, found.classes, cfg.max_pixels, found.images)
@@ -141,6 +139,6 @@ def _remove_stale_shards(out: storage.Location, manifest: dict) -> None:
         return
     for info in existing:
         name = info.path[len(out.path):].lstrip("/")
-        if SHARD_NAME.fullmatch(name) and name not in keep:
+        if schema.SHARD_FILE.fullmatch(name) and name not in keep:
             out.fs.delete_file(info.path)
             log.info("prepare: removed %s left by an earlier run", out.uri_of(info.path))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 # Columns of an image dataset as `sources.open_images` yields it.
@@ -23,6 +25,9 @@ TOPK = "topk"
 TOPK_PROB = "topk_prob"
 
 UNLABELED = -1
+
+# A prepared dataset's shard files: `<split>-NNNNNN.tar`.
+SHARD_FILE = re.compile(r"(train|val|test)-\d{6}\.tar")
 
 IMAGE_SCHEMA = pa.schema(
     [

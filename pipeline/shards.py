@@ -27,17 +27,21 @@ READ_THREADS = 16
 
 
 TAR_BLOCK = 512
-TAR_TAIL = 20 * TAR_BLOCK  # end-of-archive marker plus tarfile's padding to a 10 KiB record, at most
+# The end-of-archive marker (2 blocks) and tarfile's padding to a 20-block record: under 21 blocks.
+TAR_TAIL = 21 * TAR_BLOCK
+LONGEST_EXT = 5  # ".jpeg", ".tiff", ".webp", ".json"
 
 
-def sample_tar_bytes(item: RawInput) -> int:
+def sample_tar_bytes(item: RawInput, class_name: str) -> int:
     """An upper bound of a sample's bytes in its shard: three members (image, .cls, .json),
-    each a 512-byte header (two more blocks for a pax header when the name is over 100
-    characters) plus its data padded to 512. Small images are mostly this overhead: a
-    200-byte digit PNG takes 3 KiB."""
-    header = TAR_BLOCK * (3 if len(item.key.encode()) + 6 > 100 else 1)
-    json_bytes = 120 + len(item.source.encode())
-    return 3 * header + _blocks(item.size) + _blocks(1) + _blocks(json_bytes)
+    each a 512-byte header (plus a 2-block pax header when the name is over 100 bytes or not
+    ASCII) and its data padded to 512. Small images are mostly this overhead: a 200-byte digit
+    PNG takes 3 KiB."""
+    name = (item.key + "." * LONGEST_EXT).encode()
+    pax = 0 if len(name) <= 100 and name.isascii() else TAR_BLOCK + _blocks(len(name) + 32)  # its header, its records
+    header = TAR_BLOCK + pax
+    meta = _sample_meta(item, class_name, 10**9, 10**9)  # the widest width and height
+    return 3 * header + _blocks(item.size) + _blocks(len(str(item.label))) + _blocks(len(meta))
 
 
 def _blocks(n: int) -> int:
@@ -53,15 +57,16 @@ class ShardPlan:
     inputs: tuple[RawInput, ...]
 
 
-def plan_shards(split: str, inputs: list[RawInput], max_samples: int, max_bytes: int) -> list[ShardPlan]:
+def plan_shards(split: str, inputs: list[RawInput], max_samples: int, max_bytes: int, classes: list[str]) -> list[ShardPlan]:
     """Cut a split's (already shuffled) inputs into shards by sample count and tar size."""
     plans, current, size = [], [], TAR_TAIL
     for item in inputs:
-        if current and (len(current) >= max_samples or size + sample_tar_bytes(item) > max_bytes):
+        item_bytes = sample_tar_bytes(item, classes[item.label])
+        if current and (len(current) >= max_samples or size + item_bytes > max_bytes):
             plans.append(current)
             current, size = [], TAR_TAIL
         current.append(item)
-        size += sample_tar_bytes(item)
+        size += item_bytes
     if current:
         plans.append(current)
     return [ShardPlan(f"{split}-{n:06d}", split, tuple(p)) for n, p in enumerate(plans)]
@@ -121,13 +126,17 @@ def _encode_array(pixels: np.ndarray) -> dict:
 
 
 def _member(item: RawInput, classes: list[str], sample: dict) -> dict:
-    meta = {"source": item.source, "class": classes[item.label], "width": sample["width"], "height": sample["height"]}
     return {
         "__key__": item.key,
         sample["ext"]: sample["data"],
         "cls": str(item.label).encode(),
-        "json": json.dumps(meta, sort_keys=True).encode(),
+        "json": _sample_meta(item, classes[item.label], sample["width"], sample["height"]),
     }
+
+
+def _sample_meta(item: RawInput, class_name: str, width: int, height: int) -> bytes:
+    meta = {"source": item.source, "class": class_name, "width": width, "height": height}
+    return json.dumps(meta, sort_keys=True).encode()
 
 
 def build_manifest(*, source: str, layout: str, seed: int, ratios: dict, classes: list[str], results: list[dict], inputs: int, rejected: int, ignored: list[str]) -> dict:

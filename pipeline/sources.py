@@ -105,8 +105,11 @@ def open_images(
         return _open_shards(loc).select(splits)
     if kind == "shards":
         raise ValueError(f"{uri}: no {MANIFEST} here; run `imgpipe prepare` first or pass raw images")
-    files = [f for f in storage.list_files(loc) if _extension(f.path) in extensions]
+    listed = storage.list_files(loc)
+    files = [f for f in listed if _extension(f.path) in extensions]
     if not files:
+        if any(schema.SHARD_FILE.fullmatch(f.path[len(loc.path):].lstrip("/")) for f in listed):
+            raise ValueError(f"{uri}: shards but no {MANIFEST}: the last `imgpipe prepare` into it did not finish; run it again")
         raise ValueError(f"{uri}: no image files ({', '.join(extensions)}) under this prefix")
     depths = {f.path[len(loc.path):].lstrip("/").count("/") for f in files}
     if kind == "imagefolder" or (kind == "auto" and depths == {1}):
@@ -148,9 +151,9 @@ def _raw_source(loc, kind, classes, inputs: list, chunk_size: int) -> ImageSourc
 
 
 def _chunk_digest(chunk: list) -> str:
-    # Listing data only (no reads): a file added, removed, renamed, relabelled or resized
-    # changes the digest of its chunk.
-    text = "\n".join(f"{i.key}\t{i.label}\t{i.size}" for i in chunk)
+    # Listing data only (no reads): a file added, removed, renamed, relabelled, resized or
+    # rewritten changes the digest of its chunk.
+    text = "\n".join(f"{i.key}\t{i.label}\t{i.size}\t{i.mtime_ns}" for i in chunk)
     return "files:" + hashlib.sha256(text.encode()).hexdigest()
 
 

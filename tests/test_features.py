@@ -124,18 +124,25 @@ def test_splits_one_at_a_time_reprepared_input_and_a_missing_shard(ray_session, 
     assert both["written"] == shards["val"] and both["rows"] == n["train"] + n["val"]
     assert set(both["splits"]) == {"train", "val"} and len(both["parts"]) == shards["train"] + shards["val"]
     assert features.run(ModelConfig(), cfg, StorageConfig())["written"] == 0
+    run_file = json.loads((tmp_path / "feats" / "features.json").read_text())
+    assert list(run_file["splits"]) == ["train", "val"] and run_file["complete"]
+
+    # An interrupted run leaves units in the run file without their parts: they are not held.
+    (tmp_path / "feats" / "val" / "part-000000.parquet").unlink()
+    assert set(features.run(ModelConfig(), cfg, StorageConfig())["splits"]) == {"train"}
 
     again = prepare(prep.model_copy(update={"seed": 1}), StorageConfig())
     assert {s: i["samples"] for s, i in again["splits"].items()} == n  # same names and counts
-    with pytest.raises(ValueError, match=r"differs in the content of train-000000.*prepared again"):
-        features.run(ModelConfig(), cfg, StorageConfig())
-    redone = features.run(ModelConfig(), cfg.model_copy(update={"overwrite": True}), StorageConfig())
-    assert redone["written"] == shards["train"] and set(redone["splits"]) == {"train"}  # the stale val parts went too
-    assert not (tmp_path / "feats" / "val").exists() or not list((tmp_path / "feats" / "val").iterdir())
+    test_only = cfg.model_copy(update={"splits": ["test"]})
+    with pytest.raises(ValueError, match=r"differs in the content of train-000000.*changed or prepared again"):
+        features.run(ModelConfig(), test_only, StorageConfig())  # the held train parts are stale, though not selected
+    redone = features.run(ModelConfig(), test_only.model_copy(update={"overwrite": True}), StorageConfig())
+    assert redone["written"] == shards["test"] and set(redone["splits"]) == {"test"}  # the stale train parts went
+    assert not list((tmp_path / "feats" / "train").glob("*.parquet"))
 
-    (tmp_path / "prepared" / "test-000000.tar").unlink()
-    with pytest.raises(storage.StorageError, match=r"test-000000.tar: no such file.*is incomplete: run `imgpipe prepare` again"):
-        features.run(ModelConfig(), cfg.model_copy(update={"splits": ["test"]}), StorageConfig())
+    (tmp_path / "prepared" / "train-000000.tar").unlink()
+    with pytest.raises(storage.StorageError, match=r"train-000000.tar: no such file.*is incomplete: run `imgpipe prepare` again"):
+        features.run(ModelConfig(), cfg, StorageConfig())
 
 
 def test_actor_sizing_for_cpus_and_gpus():
@@ -164,11 +171,24 @@ def test_part_sink_writes_each_unit_once_and_names_what_does_not_add_up(tmp_path
     sink = features.PartSink(out, units, features.features_table(4, "float32"), {"dim": "4"})
     sink.add(rows("train-000000", ["a", "b"]))
     sink.add(rows("train-000000", ["b", "c"]))  # "b" again (a retried read): kept once
-    sink.add(rows("train-000000", ["c"]))  # after its part was written: ignored
+    sink.add(rows("train-000000", ["c"]))  # a repeat after its part was written: ignored
+    sink.add(rows("train-000000", ["z"]))  # a new key after its part was written: more rows than its count
     sink.add(rows("train-000001", ["d"], error="undecodable image: broken"))
     sink.add(rows("val-000000", ["e"]))
-    with pytest.raises(ValueError, match=r"train-000001: 1 of 2 samples; val-000000: 1 rows beyond its count"):
+    with pytest.raises(ValueError, match=r"train-000001: 1 of 2 samples; train-000000: 1 rows beyond its count; val-000000: 1 rows beyond its count"):
         sink.close()
     info = features.read_part_info(out.join("train/part-000000.parquet"))
     assert (info.rows, info.inputs, info.rejects, info.metadata["unit_digest"]) == (3, 3, [], "sha256:aa")
     assert not (tmp_path / "feats" / "train" / "part-000001.parquet").exists()
+
+
+def test_run_files_of_an_older_imgpipe_are_named_as_such(tmp_path):
+    from pipeline.sources import Unit
+
+    out = storage.resolve(str(tmp_path / "feats"))
+    features.write_run_file(out, features.RUN_FILE, {"dim": "4", "units": {"train-000000": 3}}, None)
+    unit = Unit("train-000000", "train", 3, (), digest="sha256:aa")
+    with pytest.raises(ValueError, match=r"differs in format \(written by an older imgpipe, without unit digests\)"):
+        features.plan_run(out, features.RUN_FILE, {"dim": "4"}, [unit], [unit])
+    every, todo = features.plan_run(out, features.RUN_FILE, {"dim": "4"}, [unit], [unit], overwrite=True)
+    assert every == todo == [unit] and not (tmp_path / "feats" / "features.json").exists()

@@ -18,7 +18,10 @@ import webdataset as wds
 
 from images import bad_files, bomb_png, jpeg_bytes, upload_tree, write_imagefolder
 from pipeline.config import PrepareConfig, StorageConfig
+from pipeline.layouts import RawInput
 from pipeline.prepare import PrepareError, run
+from pipeline.shards import TAR_TAIL, _member, sample_tar_bytes
+from pipeline.sources import open_images
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -272,3 +275,17 @@ def test_a_failed_rerun_leaves_no_manifest_behind(ray_session, tmp_path):
     # The shards were rewritten; the old manifest would vouch for them: it is gone, and so is classes.json.
     assert not (out / "manifest.json").exists() and not (out / "classes.json").exists()
     assert len(read_errors(out / "errors.jsonl")) == 4
+    with pytest.raises(ValueError, match=r"shards but no manifest.json: the last `imgpipe prepare` into it did not finish"):
+        open_images(str(out))
+
+
+def test_the_tar_size_estimate_is_an_upper_bound():
+    """Long and non-ASCII names take pax headers, JSON escapes non-ASCII: none may break the bound."""
+    names = ["a/short", "b/" + "x" * 120, "c/кот_" + "ж" * 30, "d/" + "y" * 700]
+    items = [RawInput(key, 0, f"s3://bucket/raw/{key}é.jpg", size=size) for key in names for size in (0, 1, 511, 513, 4000)]
+    for n in range(1, len(items) + 1):
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
+            for item in items[:n]:
+                tar.write(_member(item, ["ünïcode class"], {"ext": "jpeg", "data": b"x" * item.size, "width": 123456, "height": 7}))
+        assert len(buf.getvalue()) <= TAR_TAIL + sum(sample_tar_bytes(i, "ünïcode class") for i in items[:n])
