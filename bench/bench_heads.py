@@ -108,7 +108,7 @@ def cache_features(work: Path, files: list[Path]):
     out = storage.resolve(str(work / "features"))
     features.run(ModelConfig(), FeaturesConfig(source=str(work / "digits"), output=out.uri), StorageConfig())
     parts = json.loads(storage.read_bytes(out.join(features.RUN_FILE)))["parts"]
-    table = features.read_parts(out, parts, [schema.KEY, schema.EMBEDDING])
+    table = parts.read_parts(out, parts, [schema.KEY, schema.EMBEDDING])
     emb = table.column(schema.EMBEDDING).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, 1280)
     row = {k: i for i, k in enumerate(table.column(schema.KEY).to_pylist())}
     return np.stack([emb[row[f"{p.parent.name}/{p.stem}"]] for p in files])
@@ -191,7 +191,7 @@ def time_head_training(work: Path, x, y, is_train, n: int, run: int) -> float:
     head config."""
     import numpy as np
 
-    from pipeline import features, heads, schema, storage
+    from pipeline import features, heads, parts, schema, storage
     from pipeline.config import HeadConfig, StorageConfig
     from pipeline.sources import Unit
 
@@ -202,21 +202,21 @@ def time_head_training(work: Path, x, y, is_train, n: int, run: int) -> float:
     out = storage.resolve(str(work / f"big-{run}"))
     meta = {"backbone": "efficientnet_lite0", "weights": "bench", "preprocessing": "{}", "dim": "1280", "dtype": "float16",
             "classes": json.dumps([str(d) for d in range(10)]), "source": "bench"}
-    parts = []
+    chunks = []
     for split, (rows, count) in sources.items():
         for k, start in enumerate(range(0, count, 5000)):
             pick = rng.choice(rows, min(5000, count - start))
             emb = (x[pick].astype(np.float32) + rng.normal(0, 1, (len(pick), x.shape[1])).astype(np.float32) * noise).astype(np.float16)
             keys = np.array([f"{split}/{start + i}" for i in range(len(pick))], dtype=object)
             unit = Unit(f"{split}-{k:06d}", split, len(pick), ())
-            parts.append((unit, {schema.KEY: keys, schema.LABEL: y[pick], schema.SOURCE: keys, schema.SHARD: np.array([unit.name] * len(pick), dtype=object),
+            chunks.append((unit, {schema.KEY: keys, schema.LABEL: y[pick], schema.SOURCE: keys, schema.SHARD: np.array([unit.name] * len(pick), dtype=object),
                                  schema.ERROR: np.array([""] * len(pick), dtype=object), schema.EMBEDDING: emb}))
-    units = [u for u, _ in parts]
-    sink = features.PartSink(out, units, features.features_table(1280, "float16"), meta)
-    for _, batch in parts:
+    units = [u for u, _ in chunks]
+    sink = parts.PartSink(out, units, features.features_table(1280, "float16"), meta)
+    for _, batch in chunks:
         sink.add(batch)
     sink.close()
-    features.write_run_file(out, features.RUN_FILE, meta, features.verify_parts(out, units))
+    parts.write_run_file(out, features.RUN_FILE, meta, parts.verify_parts(out, units))
     t0 = time.perf_counter()
     metrics = heads.run(HeadConfig(features=out.uri, output=str(work / f"head-{run}")), StorageConfig())
     seconds = time.perf_counter() - t0

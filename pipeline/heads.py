@@ -23,7 +23,8 @@ from torch import nn
 
 from pipeline import report, schema, storage
 from pipeline.config import HeadConfig, StorageConfig
-from pipeline.features import RUN_FILE, read_parts
+from pipeline.features import RUN_FILE
+from pipeline.parts import read_parts
 
 log = logging.getLogger("imgpipe")
 

@@ -16,7 +16,8 @@ import torch
 
 from pipeline import report, schema, storage
 from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig
-from pipeline.features import Batch, Embedder, PartSink, plan_run, read_parts, stream_units, verify_parts, write_errors, write_run_file
+from pipeline.features import Embedder, stream_units
+from pipeline.parts import Batch, PartSink, plan_run, read_parts, verify_parts, write_errors, write_run_file
 from pipeline.heads import create_head, load_head
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.preprocessing import Preprocessing

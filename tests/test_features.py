@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from images import bad_files, upload_tree, write_imagefolder
-from pipeline import features, schema, storage
+from pipeline import features, parts, schema, storage
 from pipeline.config import FeaturesConfig, ModelConfig, PrepareConfig, StorageConfig
 from pipeline.prepare import run as prepare
 
@@ -168,7 +168,7 @@ def test_part_sink_writes_each_unit_once_and_names_what_does_not_add_up(tmp_path
                 schema.SHARD: np.array([unit] * n, dtype=object), schema.ERROR: np.array([error] * n, dtype=object),
                 schema.EMBEDDING: np.ones((n, 4), np.float32)}
 
-    sink = features.PartSink(out, units, features.features_table(4, "float32"), {"dim": "4"})
+    sink = parts.PartSink(out, units, features.features_table(4, "float32"), {"dim": "4"})
     sink.add(rows("train-000000", ["a", "b"]))
     sink.add(rows("train-000000", ["b", "c"]))  # "b" again (a retried read): kept once
     sink.add(rows("train-000000", ["c"]))  # a repeat after its part was written: ignored
@@ -177,7 +177,7 @@ def test_part_sink_writes_each_unit_once_and_names_what_does_not_add_up(tmp_path
     sink.add(rows("val-000000", ["e"]))
     with pytest.raises(ValueError, match=r"train-000001: 1 of 2 samples; train-000000: 1 rows beyond its count; val-000000: 1 rows beyond its count"):
         sink.close()
-    info = features.read_part_info(out.join("train/part-000000.parquet"))
+    info = parts.read_part_info(out.join("train/part-000000.parquet"))
     assert (info.rows, info.inputs, info.rejects, info.metadata["unit_digest"]) == (3, 3, [], "sha256:aa")
     assert not (tmp_path / "feats" / "train" / "part-000001.parquet").exists()
 
@@ -186,9 +186,9 @@ def test_run_files_of_an_older_imgpipe_are_named_as_such(tmp_path):
     from pipeline.sources import Unit
 
     out = storage.resolve(str(tmp_path / "feats"))
-    features.write_run_file(out, features.RUN_FILE, {"dim": "4", "units": {"train-000000": 3}}, None)
+    parts.write_run_file(out, features.RUN_FILE, {"dim": "4", "units": {"train-000000": 3}}, None)
     unit = Unit("train-000000", "train", 3, (), digest="sha256:aa")
     with pytest.raises(ValueError, match=r"differs in format \(written by an older imgpipe, without unit digests\)"):
-        features.plan_run(out, features.RUN_FILE, {"dim": "4"}, [unit], [unit])
-    every, todo = features.plan_run(out, features.RUN_FILE, {"dim": "4"}, [unit], [unit], overwrite=True)
+        parts.plan_run(out, features.RUN_FILE, {"dim": "4"}, [unit], [unit])
+    every, todo = parts.plan_run(out, features.RUN_FILE, {"dim": "4"}, [unit], [unit], overwrite=True)
     assert every == todo == [unit] and not (tmp_path / "feats" / "features.json").exists()

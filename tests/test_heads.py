@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from pipeline import features, heads, report, schema, storage
+from pipeline import features, heads, parts, report, schema, storage
 from pipeline.config import HeadConfig, StorageConfig
 from pipeline.sources import Unit
 
@@ -42,11 +42,11 @@ def _write_features(out: storage.Location, splits: dict[str, tuple[np.ndarray, n
                             schema.ERROR: np.array([""] * unit.count, dtype=object), schema.EMBEDDING: x[start : start + unit.count]})
     prep = {"crop_size": 224, "resize_size": 256, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
     meta = {"backbone": "efficientnet_lite0", "weights": "test", "preprocessing": json.dumps(prep), "dim": str(dim), "dtype": "float16", "classes": json.dumps(CLASSES), "source": "test"}
-    sink = features.PartSink(out, units, features.features_table(dim, "float16"), meta)
+    sink = parts.PartSink(out, units, features.features_table(dim, "float16"), meta)
     for batch in batches:
         sink.add(batch)
     sink.close()
-    features.write_run_file(out, features.RUN_FILE, meta, features.verify_parts(out, units))
+    parts.write_run_file(out, features.RUN_FILE, meta, parts.verify_parts(out, units))
 
 
 def test_linear_head_learns_separable_data():
@@ -131,7 +131,7 @@ def test_train_head_job_on_s3_writes_head_metrics_and_plots(s3, bucket):
 
 def test_incomplete_features_are_refused(tmp_path):
     out = storage.Location(pafs.LocalFileSystem(), str(tmp_path / "f"), str(tmp_path / "f"))
-    features.write_run_file(out, features.RUN_FILE, {"dim": "4"}, None)
+    parts.write_run_file(out, features.RUN_FILE, {"dim": "4"}, None)
     with pytest.raises(ValueError, match=r"these features are incomplete \(an interrupted run\); run `imgpipe features` again"):
         heads.run(HeadConfig(features=str(tmp_path / "f"), output=str(tmp_path / "h")), StorageConfig())
     with pytest.raises(ValueError, match=r"no features.json; point head.features at the output of `imgpipe features`"):
