@@ -9,6 +9,7 @@ JOBS = {
     "prepare": "raw images -> WebDataset shards, split and counted",
     "features": "frozen backbone -> cached embeddings (Parquet)",
     "train-head": "train a classifier head on cached embeddings",
+    "finetune": "fine-tune a backbone on Ray Train (DDP), checkpointed and resumable",
     "classify": "label a whole dataset or bucket -> predictions (Parquet)",
     "demo": "prepare -> features -> train-head -> classify on scikit-learn's digits, offline",
 }

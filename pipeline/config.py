@@ -152,6 +152,7 @@ class LoaderConfig(Section):
     """Training input pipeline: augmentation actors, shuffling, batches."""
 
     batch_size: int = Field(default=64, ge=1)  # per training worker
+    pool: Literal["tasks", "actors"] = "tasks"  # where decode + augment run: see README, "Training input"
     shuffle_buffer: int = Field(default=1000, ge=0)  # rows in each worker's local shuffle buffer
     seed: int = 0  # with the epoch, fixes the shard order and the shuffle buffer
     actors: Optional[int] = Field(default=None, ge=1)  # None: (eligible CPUs - reserved) / actor_cpus
@@ -160,6 +161,49 @@ class LoaderConfig(Section):
     cpu_only_nodes: bool = False  # place augmentation actors only on nodes without GPUs
     actor_labels: dict[str, str] = Field(default_factory=dict)  # Ray node-label selector for actors
     prefetch_batches: int = Field(default=2, ge=0)
+
+
+class FinetuneConfig(Section):
+    """Fine-tuning on Ray Train: data-parallel (DDP), checkpointed to the run's storage, resumable.
+
+    The model comes from the `model` section (backbone + pretrained weights, or `simple_cnn` from
+    scratch); augmentation from `augment`; the input pipeline (batch per worker) from `loader`.
+    """
+
+    source: str = ""  # prepared shards (`imgpipe prepare`) with the train (and val) split
+    output: str = ""  # the run folder: checkpoints, metrics, plots, the exported model, config.yaml
+    train_split: str = "train"
+    val_split: str = "val"  # early stopping, best-checkpoint choice and curves
+    test_split: Optional[str] = "test"  # scored once at the end with the best model; None or absent: skipped
+    mode: Literal["linear_probe", "partial", "full"] = "full"
+    unfreeze_stages: int = Field(default=2, ge=1)  # partial: the last N stages of the trunk train
+    head_epochs: int = Field(default=0, ge=0)  # two-phase: the first K epochs train only the new classifier
+    image_size: Optional[int] = Field(default=None, ge=16)  # crop size; None: what the weights expect
+    epochs: int = Field(default=10, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)  # for the global batch (workers x loader.batch_size x accumulate)
+    trunk_lr_scale: float = Field(default=0.1, gt=0, le=1)  # pretrained trunk: lr x this; new layers: lr
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # sgd
+    nesterov: bool = True  # sgd
+    weight_decay: float = Field(default=1e-4, ge=0)  # never on BatchNorm/LayerNorm weights and biases
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0)  # linear warm-up from lr/100, per step
+    step_epochs: int = Field(default=30, ge=1)  # step schedule: lr x step_gamma every step_epochs
+    step_gamma: float = Field(default=0.1, gt=0, le=1)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    accumulate: int = Field(default=1, ge=1)  # batches per optimizer step (gradient accumulation)
+    patience: Optional[int] = Field(default=None, ge=1)  # epochs without a better val loss before stopping
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on GPUs >= sm80, else fp16
+    channels_last: Optional[bool] = None  # None: on GPU
+    seed: int = 0  # model init, dropout and (with loader.seed, augment.seed) the data order
+    num_workers: int = Field(default=1, ge=1)  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one CUDA device per worker (NCCL); else CPU (gloo)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, gt=0, le=1)
+    checkpoint_every_steps: Optional[int] = Field(default=None, ge=1)  # besides one per epoch
+    keep_checkpoints: int = Field(default=2, ge=1)  # best K by val loss (the latest is always kept too)
+    max_failures: int = Field(default=2, ge=-1)  # worker-group restarts from the last checkpoint; -1: no limit
+    overwrite: bool = False  # a run of another config in output: replace it, don't refuse
 
 
 class DemoConfig(Section):
@@ -182,6 +226,7 @@ class Config(Section):
     classify: ClassifyConfig = ClassifyConfig()
     augment: AugmentConfig = AugmentConfig()
     loader: LoaderConfig = LoaderConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     demo: DemoConfig = DemoConfig()
 
 

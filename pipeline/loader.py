@@ -53,13 +53,14 @@ def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     return random.Random(f"{seed}/{epoch}/{rank}/buffer").getrandbits(32)
 
 
-def actor_count(cfg: LoaderConfig, nodes: list[dict]) -> int:
+def actor_count(cfg: LoaderConfig, nodes: list[dict], held_cpus: float = 0.0) -> int:
     """Augmentation actors to start: `cfg.actors`, else what the eligible nodes' CPUs hold
-    after `reserved_cpus` (left to read tasks and trainers), at `actor_cpus` each."""
+    after `reserved_cpus` and `held_cpus` (the training workers' and the reads' share: a pool
+    that takes them all starves the read tasks, and Ray waits for ever), at `actor_cpus` each."""
     if cfg.actors is not None:
         return cfg.actors
     cpus = sum(n["Resources"].get("CPU", 0) for n in eligible_nodes(cfg, nodes))
-    return max(1, int((cpus - cfg.reserved_cpus) // cfg.actor_cpus))
+    return max(1, int((cpus - cfg.reserved_cpus - held_cpus) // cfg.actor_cpus))
 
 
 def eligible_nodes(cfg: LoaderConfig, nodes: list[dict]) -> list[dict]:
@@ -109,15 +110,25 @@ class AugmentWorker:
         self.transform, self.epoch, self.errors = transform, epoch, errors
 
     def __call__(self, batch: Batch) -> Batch:
-        out = self.transform(batch, epoch=self.epoch)
-        bad = out[schema.ERROR] != ""
-        if bad.any():
-            rows = [
-                {"key": str(k), "source": str(s), "reason": str(r)}
-                for k, s, r in zip(out[schema.KEY][bad], out[schema.SOURCE][bad], out[schema.ERROR][bad])
-            ]
-            self.errors.add.remote(self.epoch, rows)
-        return {c: out[c][~bad] for c in OUTPUT_COLUMNS}
+        return augment_batch(batch, self.transform, self.epoch, self.errors)
+
+
+def augment_batch(batch: Batch, transform, epoch: int, errors) -> Batch:
+    """Transform a batch, send its error rows to the `ErrorLog`, return the good rows. Ray Data
+    runs it in tasks (`loader.pool=tasks`) or through `AugmentWorker` actors."""
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # one task = one core, as for the actors
+    out = transform(batch, epoch=epoch)
+    bad = out[schema.ERROR] != ""
+    if bad.any():
+        rows = [
+            {"key": str(k), "source": str(s), "reason": str(r)}
+            for k, s, r in zip(out[schema.KEY][bad], out[schema.SOURCE][bad], out[schema.ERROR][bad])
+        ]
+        errors.add.remote(epoch, rows)
+    return {c: out[c][~bad] for c in OUTPUT_COLUMNS}
 
 
 @dataclass
@@ -135,6 +146,7 @@ class TrainInput:
     loader: LoaderConfig
     val: ImageSource | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    held_cpus: float = 0.0  # CPUs the training workers hold: not for the augmentation pool
     errors: object = field(default=None, repr=False)  # the ErrorLog actor, shared by every copy
 
     def __post_init__(self) -> None:
@@ -169,8 +181,18 @@ class TrainInput:
 
     def _through_actors(self, ds: ray.data.Dataset, transform, epoch: int) -> ray.data.Dataset:
         nodes = ray.nodes()
-        size = actor_count(self.loader, nodes)
         selector = label_selector(self.loader, nodes)
+        placement = {"label_selector": selector} if selector else {}
+        if self.loader.pool == "tasks":
+            return ds.map_batches(
+                augment_batch,
+                fn_kwargs={"transform": transform, "epoch": epoch, "errors": self.errors},
+                batch_size=ACTOR_BATCH,
+                batch_format="numpy",
+                num_cpus=self.loader.actor_cpus,
+                **placement,
+            )
+        size = actor_count(self.loader, nodes, self.held_cpus if not self.loader.cpu_only_nodes else 0.0)
         log.info("augmentation actors: %d x %g CPU%s", size, self.loader.actor_cpus, f", on nodes {selector}" if selector else "")
         return ds.map_batches(
             AugmentWorker,
@@ -179,7 +201,7 @@ class TrainInput:
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=self.loader.actor_cpus,
-            **({"label_selector": selector} if selector else {}),
+            **placement,
         )
 
 

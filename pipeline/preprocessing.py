@@ -45,8 +45,8 @@ class Preprocessing:
         )
 
 
-def to_model_input(pixels: np.ndarray | torch.Tensor, prep: Preprocessing, device: torch.device) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> normalised float32 (N, 3, H, W) on `device`, channels-last.
+def to_model_input(pixels: np.ndarray | torch.Tensor, prep: Preprocessing, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> normalised float32 (N, 3, H, W) on `device`, channels-last unless asked not.
 
     The uint8 batch crosses to the device (4x fewer bytes than float, pinned for an async copy
     on GPU) and is converted there. Permuting NHWC gives channels-last NCHW without a copy.
@@ -57,4 +57,4 @@ def to_model_input(pixels: np.ndarray | torch.Tensor, prep: Preprocessing, devic
     x = batch.permute(0, 3, 1, 2).float()
     mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1) * 255.0
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -1,0 +1,30 @@
+"""`imgpipe finetune`: fine-tune ResNet / EfficientNet / MobileNet (or train simple_cnn from
+scratch) on prepared shards with Ray Train; checkpoints, metrics, plots and the exported model
+land in finetune.output. Rerunning the same config resumes it."""
+
+from __future__ import annotations
+
+from jobs.common import parse_config, run_job, start
+from pipeline import finetune
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse, fine-tune (or resume), print the accuracies and where the model and plots are."""
+    cfg = parse_config("finetune", __doc__, argv)
+    start(cfg, cfg.finetune.output, "finetune.output")
+    result = run_job("finetune", finetune.run, cfg)
+    if result.get("already_finished"):
+        print(f"the run in {result['output']} is already finished; nothing to do")
+    print(f"best epoch {result['best_epoch']} of {result['epochs_run']} ({result['seconds']} s of training)")
+    for split in ("val", "test"):
+        if result.get(split):
+            m = result[split]
+            print(f"{split:>5}: top-1 {m['top1']:.2%}  top-5 {m.get('top5', float('nan')):.2%}  ({m['samples']} images)")
+    out = result["output"]
+    print(f"model: {result['model']} (classify with --set model.weights={result['model']})")
+    print(f"wrote {out}/metrics.json; plots {out}/curves.png, {out}/confusion.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
