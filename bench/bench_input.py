@@ -4,18 +4,21 @@
   (b) torchvision `ImageFolder` + `DataLoader` (RandomResizedCrop 224, flip, ToTensor, Normalize)
   (c) imgpipe's train transform (`augment.build_train_transform`) in a plain loop
   (d) imgpipe's pipeline end to end: prepared shards on local disk -> Ray Data read tasks ->
-      augmentation actors -> local shuffle -> batches of 64 in this process
+      decode + augment (`--pool tasks`, the default, or `actors`) -> local shuffle -> batches of 64
 
 on generated ImageNet-sized JPEGs (photo-like content, 500x375 and 375x500, quality 90). The
 variants run interleaved, round after round, so that load from other processes hits them all
 alike. Each is measured two ways: images per wall-clock second per core in use, and images per
 CPU-second (user + system time of every process involved, Ray's included, from /proc), which a
 busy machine disturbs far less. (a)-(c) run on one thread (`torch.set_num_threads(1)`,
-`num_workers=0`); (d) runs `--actors` single-threaded actors (default: one per core); it runs one
-epoch over half the shards and one over all of them, each clocked from its first batch to its
-last, and counts the difference: the steady-state cost of the other half, without the actor
-pool's start-up (a fixed few seconds per epoch) or the fill and drain of the shuffle buffer.
-Linux only (/proc).
+`num_workers=0`); (d) keeps `--actors` cores busy (single-threaded tasks or actors, default one per
+core); it runs one epoch over half the shards and one over all of them, each clocked from the
+start of its iteration to its last batch, and counts the difference: the steady-state cost of the
+other half, without the pool's start-up (a fixed few seconds per epoch), which both epochs pay
+alike. Both clocks include the fill of the shuffle buffer, so the difference stays honest at any
+size; sizes whose half epoch is under two shuffle buffers are refused, as the difference is then
+mostly noise. (An earlier version clocked from the first batch: the buffer's fill, most of a small
+epoch, fell outside the clock, and --images 2000 printed an impossible 3.3x.) Linux only (/proc).
 
     .venv/bin/python bench/bench_input.py                   # 4,000 images, 3 rounds: ~4 min
     .venv/bin/python bench/bench_input.py --images 8000 --rounds 5
@@ -40,7 +43,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 BATCH = 64
-TARGETS = (("c/b", 1.5), ("d/c", 0.9), ("c/a", 0.8))
+SHUFFLE_BUFFER = 1000
+TRAIN_SHARE = 0.8  # prepare_shards' train split
+TARGETS = (("c/b", 1.5), ("d/c", 0.95), ("c/a", 0.8))
 
 
 @dataclass
@@ -66,8 +71,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--actors", type=int, default=os.cpu_count() or 1, help="(d): augmentation actors, 1 CPU each")
+    parser.add_argument("--pool", choices=("tasks", "actors"), default="tasks", help="(d): where decode + augment run")
     parser.add_argument("--classes", type=int, default=10)
     args = parser.parse_args()
+    if args.images * TRAIN_SHARE / 2 < 2 * SHUFFLE_BUFFER:
+        parser.error(f"--images {args.images}: (d)'s half epoch must hold two shuffle buffers ({2 * SHUFFLE_BUFFER} rows); "
+                     f"use --images {int(4 * SHUFFLE_BUFFER / TRAIN_SHARE)} or more")
 
     import torch
 
@@ -83,7 +92,7 @@ def main() -> None:
         "a": ("decode only, Pillow", lambda r: run_pillow_decode(blobs)),
         "b": ("torchvision ImageFolder + DataLoader", lambda r: run_torchvision(raw)),
         "c": ("imgpipe train transform, plain loop", lambda r: run_transform(blobs, epoch=r)),
-        "d": (f"imgpipe Ray Data pipeline, {args.actors} actors", lambda r: run_pipeline(shards, args.actors, epoch=r)),
+        "d": (f"imgpipe Ray Data pipeline, {args.actors} {args.pool}", lambda r: run_pipeline(shards, args.actors, args.pool, epoch=r)),
     }
     runs: dict[str, list[Run]] = {k: [] for k in variants}
     run_pillow_decode(blobs[:200]), run_transform(blobs[:200], epoch=0)  # warm caches and allocators
@@ -163,7 +172,7 @@ def run_transform(blobs: list[bytes], epoch: int) -> Run:
     return run
 
 
-def run_pipeline(shards: Path, actors: int, epoch: int) -> Run:
+def run_pipeline(shards: Path, actors: int, pool: str, epoch: int) -> Run:
     """(d) on half the shards, then on all of them: the difference is the steady-state cost
     of the other half, without the actor pool's start-up and the pipeline's fill and drain."""
     from dataclasses import replace
@@ -172,28 +181,26 @@ def run_pipeline(shards: Path, actors: int, epoch: int) -> Run:
 
     source = open_images(str(shards), splits=["train"])
     half = replace(source, units=source.units[: len(source.units) // 2])
-    small = pipeline_epoch(half, actors, epoch)
-    full = pipeline_epoch(source, actors, epoch)
+    small = pipeline_epoch(half, actors, pool, epoch)
+    full = pipeline_epoch(source, actors, pool, epoch)
     return Run(full.images - small.images, full.wall - small.wall, full.cpu - small.cpu, actors)
 
 
-def pipeline_epoch(source, actors: int, epoch: int) -> Run:
-    """One epoch of (d), clocked from the first batch to the last, with the images in between."""
+def pipeline_epoch(source, actors: int, pool: str, epoch: int) -> Run:
+    """One epoch of (d), clocked from the start of the iteration to its last batch."""
     from pipeline import schema
     from pipeline.config import AugmentConfig, LoaderConfig
     from pipeline.loader import TrainInput, iter_train_batches
     from pipeline.preprocessing import Preprocessing
 
-    cfg = LoaderConfig(batch_size=BATCH, shuffle_buffer=1000, actors=actors, actor_cpus=1.0, prefetch_batches=4)
+    cfg = LoaderConfig(batch_size=BATCH, shuffle_buffer=SHUFFLE_BUFFER, pool=pool, actors=actors, actor_cpus=1.0, prefetch_batches=4)
     train_input = TrainInput(source, Preprocessing(), AugmentConfig(), cfg)
     last = source.count // BATCH - 1
-    images, t0, c0, t1, c1 = 0, 0.0, 0.0, 0.0, 0.0
+    images, t1, c1 = 0, 0.0, 0.0
+    t0, c0 = time.perf_counter(), tree_cpu_seconds()
     for i, batch in enumerate(iter_train_batches(train_input.dataset(epoch), cfg, epoch)):
         assert batch[schema.PIXELS].shape[1:] == (224, 224, 3)
-        if i == 0:
-            t0, c0 = time.perf_counter(), tree_cpu_seconds()
-        else:
-            images += len(batch[schema.KEY])
+        images += len(batch[schema.KEY])
         if i == last:  # before the actors exit and take their CPU counters with them
             t1, c1 = time.perf_counter(), tree_cpu_seconds()
     return Run(images, t1 - t0, c1 - c0, actors)

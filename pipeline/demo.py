@@ -19,6 +19,7 @@ from pipeline.config import Config
 log = logging.getLogger("imgpipe")
 
 WRITE_THREADS = 16
+DIGITS_SOURCE = "sklearn-digits"  # finetune.source alias: the digits, prepared under demo.workdir
 MARGIN = 2  # pixels of white around each 8x8 digit
 
 
@@ -49,6 +50,24 @@ def write_digits(root: storage.Location, limit: int | None = None) -> int:
     return n
 
 
+def prepare_digits(cfg: Config, work: storage.Location) -> dict:
+    """prepare's manifest of the digits under `work/prepared` (written first under `work/digits`)."""
+    prepare_cfg = cfg.prepare.model_copy(update={"source": work.join("digits").uri, "output": work.join("prepared").uri, "layout": "imagefolder"})
+    return prepare.run(prepare_cfg, cfg.storage)
+
+
+def prepared_digits(cfg: Config) -> str:
+    """The URI of the digits prepared under `demo.workdir` (with the `prepare` section's split),
+    writing and preparing them first when they are not there yet."""
+    work = storage.resolve(cfg.demo.workdir, cfg.storage)
+    prepared = work.join("prepared")
+    if not storage.exists(prepared.join("manifest.json")):
+        log.info("writing scikit-learn's digits and preparing them under %s", work.uri)
+        write_digits(work.join("digits"), cfg.demo.limit)
+        prepare_digits(cfg, work)
+    return prepared.uri
+
+
 def run(cfg: Config) -> dict:
     """Run the four stages under `cfg.demo.workdir`; returns each stage's summary and timings.
     Ray must be connected. The stages' sources and outputs are set here; every other setting
@@ -65,7 +84,7 @@ def run(cfg: Config) -> dict:
         return result
 
     count = timed("digits", write_digits, work.join("digits"), cfg.demo.limit)
-    manifest = timed("prepare", prepare.run, cfg.prepare.model_copy(update={"source": paths["digits"], "output": paths["prepared"], "layout": "imagefolder"}), cfg.storage)
+    manifest = timed("prepare", prepare_digits, cfg, work)
     feats = timed("features", features.run, cfg.model, cfg.features.model_copy(update={"source": paths["prepared"], "output": paths["features"]}), cfg.storage)
     head = timed("train-head", heads.run, cfg.head.model_copy(update={"features": paths["features"], "output": paths["head"]}), cfg.storage)
     classify_cfg = cfg.classify.model_copy(update={"source": paths["prepared"], "output": paths["predictions"], "head": paths["head"], "splits": [cfg.demo.classify_split]})

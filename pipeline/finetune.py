@@ -23,7 +23,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import loader, predict, report, runtime, storage, trainloop, transfer
+from pipeline import demo, loader, predict, report, runtime, storage, trainloop, transfer
 from pipeline.config import ClassifyConfig, Config, FinetuneConfig, ModelConfig
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.preprocessing import Preprocessing
@@ -42,6 +42,8 @@ FAULT_ENV = "IMGPIPE_TEST_FAULT"  # tests only: epoch:batch:rank:marker-file
 def run(cfg: Config) -> dict:
     """Fine-tune per `cfg.finetune` (model, augment, loader and storage sections too); returns
     the summary. Ray must be connected. Everything checkable is checked before a worker starts."""
+    if cfg.finetune.source == demo.DIGITS_SOURCE:
+        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"source": demo.prepared_digits(cfg)})})
     ft = cfg.finetune
     source, out = check_inputs(ft, cfg)
     identity = run_identity(cfg)

@@ -53,20 +53,22 @@ class LoopSpec:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's entry point on each rank."""
-    FinetuneRunner(config["spec"]).run()
+    """Ray Train's entry point on each rank: carry on from the run's latest checkpoint, if any."""
+    ctx = ray.train.get_context()
+    runner = FinetuneRunner(config["spec"], ctx.get_world_rank(), ctx.get_world_size())
+    runner.restore(ray.train.get_checkpoint())
+    runner.run()
 
 
 class FinetuneRunner:
     """One rank's model, optimizer and run state; `run` trains until the last epoch or early stop."""
 
-    def __init__(self, spec: LoopSpec):
-        ctx = ray.train.get_context()
+    def __init__(self, spec: LoopSpec, rank: int = 0, world: int = 1):
         self.spec, self.cfg = spec, spec.cfg
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.rank, self.world = rank, world
         self.device = devices.worker_device(self.cfg.use_gpu, ray.get_gpu_ids())
         self.precision = devices.resolve_precision(self.cfg.precision, self.device)
-        self.channels_last = self.cfg.channels_last if self.cfg.channels_last is not None else self.device.type == "cuda"
+        self.channels_last = self.cfg.channels_last
         torch.manual_seed(self.cfg.seed)  # the new classifier starts the same on every rank
         self.model = transfer.FineTuneModel(ray.get(spec.weights), len(spec.classes)).to(self.device)
         if self.channels_last:
@@ -76,7 +78,6 @@ class FinetuneRunner:
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing, ignore_index=schema.UNLABELED)
         self.state = {"epoch": 0, "batch": 0, "history": [], "best": None, "best_val": None, "waited": 0, "done": False, "partial": None}
         self.net, self.phase, self.frozen = self.model, None, []
-        self.restore(ray.train.get_checkpoint())
         if self.rank == 0:
             log.info("finetune rank 0 of %d: %s", self.world, devices.describe(self.device, self.precision))
 
