@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline import features, runtime
-    from pipeline.config import RayConfig
+    from pipeline.config import ModelConfig, RayConfig
 
     work = Path(tempfile.mkdtemp(prefix="bench-features-"))
     t0 = time.perf_counter()
@@ -57,7 +57,7 @@ def main() -> None:
     print(f"generated {args.images} JPEGs (500x375) in {time.perf_counter() - t0:.0f}s")
     t0 = time.perf_counter()
     runtime.connect(RayConfig())
-    plan = features.plan_actors(args.actors)
+    plan = features.model_actor_plan(ModelConfig(), args.actors, args.images, 64)
     print(f"embedded Ray started in {time.perf_counter() - t0:.1f}s (not timed below): {runtime.cluster_cpus()} logical CPUs on {os.cpu_count()} cores; "
           f"(a) runs {plan.size} actor(s) x {plan.threads} torch threads")
 

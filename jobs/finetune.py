@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> dict:
     for split in ("val", "test"):
         if result.get(split):
             m = result[split]
-            print(f"{split:>5}: top-1 {m['top1']:.2%}  top-5 {m.get('top5', float('nan')):.2%}  ({m['samples']} images)")
+            print(
+                f"{split:>5}: top-1 {m['top1']:.2%}  top-5 {m.get('top5', float('nan')):.2%}  ({m['samples']} images)"
+            )
     out = result["output"]
     print(f"model: {result['model']} (classify with --set model.weights={result['model']})")
     print(f"wrote {out}/metrics.json; plots {out}/curves.png, {out}/confusion.png")

@@ -76,6 +76,11 @@ class ModelConfig(Section):
 
     backbone: str = "efficientnet_lite0"
     weights: str = "DEFAULT"  # torchvision weight name | DEFAULT | path/URI to a state dict | none
+    # features / classify model actors (finetune has its own finetune.use_gpu):
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: GPUs if the cluster has some now; cuda: wait for them
+    gpus_per_actor: float = Field(default=1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # on GPU; auto: bf16 (fp16 before Ampere); CPU: fp32
+    gpu_wait_s: float = Field(default=600.0, ge=0)  # device=cuda: how long to wait for GPUs / for actors to start
 
 
 class FeaturesConfig(Section):
@@ -85,7 +90,8 @@ class FeaturesConfig(Section):
     output: str = ""
     source_kind: Literal["auto", "shards", "imagefolder", "images"] = "auto"  # auto: shards if a manifest, else by folder depth
     splits: Optional[list[str]] = None  # prepared shards: which splits; None = all
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1)  # per model call (an H100 wants 256-512 for ResNet-50)
+    decode_batch: int = Field(default=64, ge=1)  # rows per decode task block
     dtype: Literal["float16", "float32"] = "float16"  # of the stored embeddings
     actors: Optional[int] = Field(default=None, ge=1)  # None: one per GPU, else sized from the cluster's CPUs
     overwrite: bool = False  # output of another run (other input/model/dtype) there: replace it, don't refuse
@@ -118,7 +124,8 @@ class ClassifyConfig(Section):
     splits: Optional[list[str]] = None  # prepared shards: which splits; None = all
     head: Optional[str] = None  # a train-head output; None: the backbone's own classifier
     top_k: int = Field(default=5, ge=1)
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1)  # per model call
+    decode_batch: int = Field(default=64, ge=1)  # rows per decode task block
     actors: Optional[int] = Field(default=None, ge=1)
     overwrite: bool = False  # predictions of another run (other input/model/head) there: replace them, don't refuse
 
@@ -178,6 +185,7 @@ class FinetuneConfig(Section):
     mode: Literal["linear_probe", "partial", "full"] = "full"
     unfreeze_stages: int = Field(default=2, ge=1)  # partial: the last N stages of the trunk train
     head_epochs: int = Field(default=0, ge=0)  # two-phase: the first K epochs train only the new classifier
+    freeze_bn_stats: bool = False  # trained stages keep pretrained BatchNorm statistics (eval mode); see README
     image_size: Optional[int] = Field(default=None, ge=16)  # crop size; None: what the weights expect
     epochs: int = Field(default=10, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"

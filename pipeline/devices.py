@@ -43,7 +43,8 @@ def cuda_missing_message(found_driver: str | None, torch_cuda: str | None = torc
     need_text = f"an NVIDIA driver >= {need}" if need else "a matching NVIDIA driver"
     found = f"driver {found_driver} found" if found_driver else "no NVIDIA driver found (/proc/driver/nvidia/version)"
     return (
-        f"a GPU was assigned but CUDA is not usable: torch {torch.__version__} is built for CUDA {torch_cuda} and needs "
+        f"a GPU was assigned but CUDA is not usable: torch {torch.__version__} "
+        f"is built for CUDA {torch_cuda} and needs "
         f"{need_text} (or the cuda-compat package); {found}. Use the image in cluster/ or upgrade the driver"
     )
 
@@ -54,7 +55,9 @@ def worker_device(use_gpu: bool, gpu_ids: list | None = None) -> torch.device:
     if not use_gpu:
         return torch.device("cpu")
     if gpu_ids is not None and not gpu_ids:
-        raise DeviceError("use_gpu is set but Ray assigned this worker no GPU; request GPUs per worker (gpus_per_worker)")
+        raise DeviceError(
+            "use_gpu is set but Ray assigned this worker no GPU; request GPUs per worker (gpus_per_worker)"
+        )
     if not torch.cuda.is_available():
         raise DeviceError(cuda_missing_message(driver_version()))
     index = torch.cuda.current_device()

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -20,11 +20,12 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline import augment, runtime, schema, storage
+from pipeline import augment, devices, placement, schema, storage
 from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors, write_run_file
 from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig
 from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
-from pipeline.preprocessing import to_model_input
+from pipeline.placement import ActorPlan
+from pipeline.preprocessing import DeviceNormalizer
 from pipeline.sources import ImageSource, Unit, open_images
 
 log = logging.getLogger("imgpipe")
@@ -36,85 +37,90 @@ PASSTHROUGH = (schema.KEY, schema.LABEL, schema.SOURCE, schema.SHARD, schema.ERR
 # ---------------------------------------------------------------- the model stage (Ray actors)
 
 
-@dataclass(frozen=True)
-class ActorPlan:
-    """How many model actors, and what each holds."""
-
-    size: int
-    num_cpus: float
-    num_gpus: float
-    threads: int  # torch intra-op threads per actor
-
-
-def plan_actors(requested: int | None, batches: int | None = None) -> ActorPlan:
-    """`size_actors` for the connected cluster."""
-    single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
-    cpus = runtime.cluster_cpus()
-    return size_actors(requested, batches, cpus, runtime.cluster_gpus(), (os.cpu_count() or 1) if single_node else cpus)
-
-
-def size_actors(requested: int | None, batches: int | None, cpus: int, gpus: int, cores: int) -> ActorPlan:
-    """One actor per GPU when the cluster has GPUs. On CPUs: single-threaded actors, one per
-    CPU, after leaving a quarter of the CPUs (one at least) to the read and decode tasks, which
-    otherwise starve while Ray waits for ever without an error (RAY-NOTES). Separate actors beat
-    intra-op threads for these small convnets (measured on 2 cores, Lite0: 2 actors x 1 thread
-    45 img/s, 1 actor x 2 threads 36 img/s). `cores` caps the CPU actors (on one machine,
-    embedded Ray has more logical CPUs than cores); they never outnumber the `batches`."""
-    if gpus:
-        if requested and requested > gpus:
-            raise ValueError(f"{requested} model actors asked for, but the cluster has {gpus} GPUs and each actor takes one "
-                             "(the extra actors would wait for ever); set features.actors / classify.actors to at most "
-                             f"{gpus}, or leave it unset")
-        # The GPU does the work; the actor's CPU only pins and copies uint8 batches. A small
-        # CPU share leaves the node's CPUs to the read and decode tasks that feed the GPU.
-        return ActorPlan(requested or min(gpus, batches or gpus), max(0.1, min(1.0, cpus / gpus / 4)), 1.0, 1)
-    free = max(1.0, cpus - max(1, cpus // 4))
-    size = requested or max(1, min(int(free), cores, batches or cores))
-    per_actor = max(0.25, free / size)
-    # Intra-op threads only when asked for fewer, bigger actors; never more than the cores.
-    threads = max(1, min(int(per_actor), cores))
-    return ActorPlan(size, per_actor, 0.0, threads)
-
-
 class Embedder:
     """Ray Data actor: loads the frozen backbone once; image batch -> embedding batch.
 
-    Rows that arrive with an error (unreadable, undecodable) are passed through with a zero
+    The device is the plan's (CUDA exactly when the actor was given GPUs, else CPU, even on a node
+    whose GPUs Ray leaves visible), and so is the precision. On GPU, batches are padded to one
+    fixed size (one shape: cuDNN tunes its kernels once) and staged through a pinned buffer made
+    once. Rows that arrive with an error (unreadable, undecodable) are passed through with a zero
     embedding and their reason, so the sink can count and list them.
     """
 
-    def __init__(self, weights: ResolvedWeights | ray.ObjectRef, dtype: str = "float16", threads: int = 1):
+    def __init__(
+        self,
+        weights,
+        dtype: str = "float16",
+        threads: int = 1,
+        device: str = "cpu",
+        precision: str = "fp32",
+        batch_size: int = 64,
+    ):
         torch.set_num_threads(threads)
         if isinstance(weights, ray.ObjectRef):  # fetched once on the driver, shipped through the object store
             weights = ray.get(weights)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch.backends.cudnn.benchmark = True  # one input size throughout: pick the fastest kernels once
+        self.device = devices.worker_device(device == "cuda", ray.get_gpu_ids() if device == "cuda" else None)
+        self.autocast = devices.autocast_dtype(precision) if self.device.type == "cuda" else None
         self.model = create_backbone(weights).to(self.device, memory_format=torch.channels_last).eval()
         self.model.requires_grad_(False)
         self.prep = weights.preprocessing
+        self.normalize = DeviceNormalizer(self.prep, self.device)
         self.dtype = np.dtype(dtype)
+        self.batch_size, self.staging = batch_size, None
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed batch shape: the fastest kernels, tuned once
+            crop = self.prep.crop_size
+            self.staging = torch.empty((batch_size, crop, crop, 3), dtype=torch.uint8).pin_memory()
+        log.info(
+            "model actor on %s", devices.describe(self.device, precision if self.device.type == "cuda" else "fp32")
+        )
 
     def __call__(self, batch: Batch) -> Batch:
         good = np.asarray(batch[schema.ERROR]) == ""
         out = {c: batch[c] for c in PASSTHROUGH}
-        # Boolean indexing copies, so the tensor gets a writable array of the good rows only.
-        emb = self.embed(batch[schema.PIXELS][good]) if good.any() else None
+        pixels = batch[schema.PIXELS] if good.all() else batch[schema.PIXELS][good]  # no copy when all are good
+        emb = self.embed(pixels) if good.any() else None
         out.update(self.outputs(emb, good))
         return out
 
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> (N, dim) float32 embeddings, on the model's device."""
-        x = to_model_input(pixels, self.prep, self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return self.model(x).float()
+        """(N, H, W, 3) uint8 -> (N, dim) embeddings on the model's device (fp32 on CPU, the
+        precision's float on GPU)."""
+        if self.staging is None:
+            return self.model(self.normalize(_readonly_tensor(pixels))).float()
+        chunks = []
+        for start in range(0, len(pixels), self.batch_size):
+            part = pixels[start : start + self.batch_size]
+            self.staging[: len(part)].copy_(_readonly_tensor(part))
+            x = self.normalize(self.staging.to(self.device, non_blocking=True))  # the whole fixed-size batch
+            with torch.autocast("cuda", dtype=self.autocast, enabled=self.autocast is not None):
+                chunks.append(self.model(x)[: len(part)])
+            torch.cuda.current_stream().synchronize()  # the staging buffer is reused by the next chunk
+        return torch.cat(chunks)
 
     def outputs(self, emb: torch.Tensor | None, good: np.ndarray) -> Batch:
         """The stage's own columns for every row (zeros for rejected rows)."""
         full = np.zeros((len(good), self.model.dim), dtype=self.dtype)
         if emb is not None:
-            full[good] = emb.cpu().numpy().astype(self.dtype)
+            full[good] = emb.to(torch.float16 if self.dtype == np.float16 else torch.float32).cpu().numpy()
         return {schema.EMBEDDING: full}
+
+
+def _readonly_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """A tensor view of a batch that is only read (Ray hands out read-only arrays; no copy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": it is never written
+        return torch.from_numpy(np.ascontiguousarray(pixels))
+
+
+def model_actor_plan(model_cfg: ModelConfig, requested: int | None, rows: int, batch_size: int) -> ActorPlan:
+    """The connected cluster's plan for `rows` inputs in model batches of `batch_size`."""
+    single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
+    cores = (os.cpu_count() or 1) if single_node else None
+    plan = placement.plan_actors(model_cfg, requested, math.ceil(rows / batch_size), cores)
+    log.info("%s, batch %d", plan.describe(), batch_size)
+    return plan
 
 
 def stream_units(
@@ -123,26 +129,37 @@ def stream_units(
     weights: ResolvedWeights,
     actor: type,
     actor_kwargs: dict,
+    plan: ActorPlan,
     batch_size: int,
-    actors: int | None,
+    decode_batch: int,
     sink: PartSink,
 ) -> None:
-    """Read `units`, decode on tasks, run `actor` on an actor pool, and feed the sink."""
-    plan = plan_actors(actors, math.ceil(sum(u.count for u in units) / batch_size))
-    log.info("model actors: %d x (%.2g CPU, %g GPU, %d torch threads), batch %d", plan.size, plan.num_cpus, plan.num_gpus, plan.threads, batch_size)
-    # A unit is read as one block (up to a whole shard); cut it into batch-sized blocks, so that
+    """Read `units`, decode on tasks, run `actor` on an actor pool per `plan`, and feed the sink."""
+    # A unit is read as one block (up to a whole shard); cut it into decode-sized blocks, so that
     # decoding spreads over tasks and the model actors start on the first batch, not the last.
-    ds = source.dataset(units).repartition(target_num_rows_per_block=batch_size)
-    ds = ds.map_batches(augment.build_eval_transform(weights.preprocessing), batch_size=batch_size, batch_format="numpy")
+    ds = source.dataset(units).repartition(target_num_rows_per_block=decode_batch)
+    ds = ds.map_batches(
+        augment.build_eval_transform(weights.preprocessing), batch_size=decode_batch, batch_format="numpy"
+    )
+    kwargs = {
+        "weights": ray.put(weights),
+        "threads": plan.threads,
+        "device": plan.device,
+        "precision": plan.precision,
+        "batch_size": batch_size,
+    }
     ds = ds.map_batches(
         actor,
-        fn_constructor_kwargs={**actor_kwargs, "weights": ray.put(weights), "threads": plan.threads},
+        fn_constructor_kwargs={**actor_kwargs, **kwargs},
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.size),
+        compute=ray.data.ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
     )
+    # GPU actors that cannot be placed (a node with too few CPUs for them, GPUs that never come)
+    # end the job after a bound instead of leaving it pending for ever.
+    ds.context.wait_for_min_actors_s = int(plan.start_wait_s) if plan.start_wait_s > 0 else -1
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         sink.add(batch)
     sink.close()
@@ -156,7 +173,11 @@ def features_table(dim: int, dtype: str) -> Callable[[Batch], pa.Table]:
     part_schema = schema.features_schema(dim, dtype)
 
     def make(rows: Batch) -> pa.Table:
-        emb = np.asarray(rows[schema.EMBEDDING], dtype=dtype).reshape(-1, dim) if len(rows[schema.KEY]) else np.zeros((0, dim), dtype)
+        emb = (
+            np.asarray(rows[schema.EMBEDDING], dtype=dtype).reshape(-1, dim)
+            if len(rows[schema.KEY])
+            else np.zeros((0, dim), dtype)
+        )
         return pa.table(
             {
                 schema.KEY: pa.array(np.asarray(rows[schema.KEY]).astype(str), pa.string()),
@@ -179,17 +200,30 @@ def run(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig)
     out = storage.resolve(cfg.output, storage_cfg)
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
     dim = create_backbone(weights).dim
+    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size)
     metadata = {
         **{k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in weights.describe().items()},
-        "dim": str(dim), "dtype": cfg.dtype, "classes": json.dumps(list(source.classes or [])), "source": source.location.uri,
+        "dim": str(dim),
+        "dtype": cfg.dtype,
+        "classes": json.dumps(list(source.classes or [])),
+        "source": source.location.uri,
+        "compute": plan.compute,  # bf16 and fp32 embeddings differ: a resume elsewhere must not mix them
     }
     identity = {**metadata, "kind": source.kind}
     every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite)
-    log.info("features: %d inputs in %d parts; %d parts to write, %d already there", source.count, len(source.units), len(todo), len(source.units) - len(todo))
+    log.info(
+        "features: %d inputs in %d parts; %d parts to write, %d already there",
+        source.count,
+        len(source.units),
+        len(todo),
+        len(source.units) - len(todo),
+    )
     if todo:
         write_run_file(out, RUN_FILE, identity, None, every)
         sink = PartSink(out, todo, features_table(dim, cfg.dtype), metadata)
-        stream_units(source, todo, weights, Embedder, {"dtype": cfg.dtype}, cfg.batch_size, cfg.actors, sink)
+        stream_units(
+            source, todo, weights, Embedder, {"dtype": cfg.dtype}, plan, cfg.batch_size, cfg.decode_batch, sink
+        )
     result = verify_parts(out, every)
     write_errors(out, result["rejects"])
     write_run_file(out, RUN_FILE, identity, {**result, "written": len(todo), "dim": dim}, every)

@@ -11,6 +11,7 @@ last checkpoint (Ray Train finds it under the run's storage); a finished run is 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -21,6 +22,7 @@ from dataclasses import replace
 import ray
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import WorkerGroupError
 from ray.train.torch import TorchTrainer
 
 from pipeline import demo, loader, predict, report, runtime, storage, trainloop, transfer
@@ -39,6 +41,11 @@ READ_HEADROOM_CPUS = 1.0  # left to read tasks when sizing the augmentation pool
 FAULT_ENV = "IMGPIPE_TEST_FAULT"  # tests only: epoch:batch:rank:marker-file
 
 
+class TrainingFailed(ValueError):
+    """The workers failed past `finetune.max_failures`; the message is the first failure's last line
+    (a ValueError, so that jobs print it in one line)."""
+
+
 def run(cfg: Config) -> dict:
     """Fine-tune per `cfg.finetune` (model, augment, loader and storage sections too); returns
     the summary. Ray must be connected. Everything checkable is checked before a worker starts."""
@@ -46,26 +53,35 @@ def run(cfg: Config) -> dict:
         cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"source": demo.prepared_digits(cfg)})})
     ft = cfg.finetune
     source, out = check_inputs(ft, cfg)
-    identity = run_identity(cfg)
+    identity = run_identity(cfg, source)
     previous = read_run_file(out)
     if previous and previous.get("identity") == identity and previous.get("complete"):
-        log.info("finetune: the run in %s is already finished; nothing to do (a new output or finetune.overwrite=true retrains)", out.uri)
+        log.info(
+            "finetune: the run in %s is already finished; nothing to do "
+            "(a new finetune.output, or finetune.overwrite=true, trains again)",
+            out.uri,
+        )
         return {**previous["summary"], "already_finished": True}
-    if previous and previous.get("identity") != identity:
-        if not ft.overwrite:
-            raise ValueError(f"{out.uri} holds a fine-tuning run of another config ({_first_difference(previous.get('identity', {}), identity)}); "
-                             "choose another finetune.output, or set finetune.overwrite=true to replace it")
-        train_dir = out.join(TRAIN_DIR)
-        train_dir.fs.delete_dir_contents(train_dir.path, missing_dir_ok=True)
+    if previous and previous.get("identity") != identity and not ft.overwrite:
+        raise ValueError(
+            f"{out.uri} holds a fine-tuning run of another config or input "
+            f"({_first_difference(previous.get('identity', {}), identity)}); "
+            "choose another finetune.output, or set finetune.overwrite=true to replace it"
+        )
     weights = resolve_weights(cfg.model.backbone, cfg.model.weights, cfg.storage)
     transfer.check_mode(weights.backbone, ft, weights.state_dict is not None)
     check_resources(ft)
+    if previous and previous.get("identity") != identity:  # overwrite, now that the new run is known to start
+        train_dir = out.join(TRAIN_DIR)
+        train_dir.fs.delete_dir_contents(train_dir.path, missing_dir_ok=True)
     prep = input_preprocessing(weights.preprocessing, ft.image_size)
     storage.write_bytes(out.join(RUN_FILE), json.dumps({"identity": identity, "complete": False}).encode())
     started = time.perf_counter()
     result = fit(cfg, source, weights, prep, out)
     summary = finish(cfg, source, weights, prep, out, result, time.perf_counter() - started)
-    storage.write_bytes(out.join(RUN_FILE), json.dumps({"identity": identity, "complete": True, "summary": summary}, indent=1).encode())
+    storage.write_bytes(
+        out.join(RUN_FILE), json.dumps({"identity": identity, "complete": True, "summary": summary}, indent=1).encode()
+    )
     return summary
 
 
@@ -76,8 +92,10 @@ def check_inputs(ft: FinetuneConfig, cfg: Config) -> tuple[ImageSource, storage.
     source = open_images(ft.source, cfg.storage, kind="shards")
     missing = [s for s in (ft.train_split, ft.val_split) if s not in source.splits]
     if missing:
-        raise ValueError(f"{ft.source} has no split {missing} (it has {source.splits}); prepare it with a val split "
-                         "(prepare.split) or set finetune.train_split / finetune.val_split")
+        raise ValueError(
+            f"{ft.source} has no split {missing} (it has {source.splits}); prepare it with a val split "
+            "(prepare.split) or set finetune.train_split / finetune.val_split"
+        )
     if not source.classes:
         raise ValueError(f"{ft.source}: no classes.json classes; finetune needs labelled, prepared shards")
     return source, storage.resolve(ft.output, cfg.storage)
@@ -88,30 +106,47 @@ def check_resources(ft: FinetuneConfig) -> None:
     one line now, not a placement group that waits for ever."""
     cpus, gpus = runtime.cluster_cpus(), runtime.cluster_gpus()
     if ft.use_gpu and ft.num_workers * ft.gpus_per_worker > gpus:
-        raise ValueError(f"finetune asks for {ft.num_workers} workers x {ft.gpus_per_worker} GPU, but the cluster has {gpus} GPUs; "
-                         "lower finetune.num_workers or set finetune.use_gpu=false")
+        raise ValueError(
+            f"finetune asks for {ft.num_workers} workers x {ft.gpus_per_worker} GPU, but the cluster has {gpus} GPUs; "
+            "lower finetune.num_workers or set finetune.use_gpu=false"
+        )
     need = ft.num_workers * ft.cpus_per_worker + READ_HEADROOM_CPUS
     if need > cpus:
-        raise ValueError(f"finetune asks for {ft.num_workers} workers x {ft.cpus_per_worker} CPU plus {READ_HEADROOM_CPUS:g} for reading, "
-                         f"but the cluster has {cpus} CPUs; lower finetune.num_workers or finetune.cpus_per_worker")
+        raise ValueError(
+            f"finetune asks for {ft.num_workers} workers x {ft.cpus_per_worker} CPU "
+            f"plus {READ_HEADROOM_CPUS:g} for reading, "
+            f"but the cluster has {cpus} CPUs; lower finetune.num_workers or finetune.cpus_per_worker"
+        )
 
 
 def input_preprocessing(prep: Preprocessing, image_size: int | None) -> Preprocessing:
     """The weights' preprocessing, or the same ratios at `image_size` (resize = size x 8/7, as 256/224)."""
     if image_size is None or image_size == prep.crop_size:
         return prep
-    return replace(prep, crop_size=image_size, resize_size=max(image_size, round(image_size * prep.resize_size / prep.crop_size)))
+    return replace(
+        prep, crop_size=image_size, resize_size=max(image_size, round(image_size * prep.resize_size / prep.crop_size))
+    )
 
 
-def run_identity(cfg: Config) -> dict:
-    """What makes a run this run: everything but where and on how many workers it runs."""
+def run_identity(cfg: Config, source: ImageSource) -> dict:
+    """What makes a run this run: the settings (but where and on how many workers it runs) and
+    the input's content (its shards' checksums), so a re-prepared input never resumes an old run."""
     scaling = {"num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures", "overwrite"}
-    loader_placement = {"actors", "actor_cpus", "reserved_cpus", "cpu_only_nodes", "actor_labels", "prefetch_batches"}
+    loader_placement = {
+        "pool",
+        "actors",
+        "actor_cpus",
+        "reserved_cpus",
+        "cpu_only_nodes",
+        "actor_labels",
+        "prefetch_batches",
+    }
     return {
         "finetune": {k: v for k, v in cfg.finetune.model_dump(mode="json").items() if k not in scaling},
         "model": cfg.model.model_dump(mode="json"),
         "augment": cfg.augment.model_dump(mode="json"),
         "loader": {k: v for k, v in cfg.loader.model_dump(mode="json").items() if k not in loader_placement},
+        "input": hashlib.sha256(json.dumps([u.describe() for u in source.units], sort_keys=True).encode()).hexdigest(),
     }
 
 
@@ -119,36 +154,82 @@ def fit(cfg: Config, source: ImageSource, weights: ResolvedWeights, prep: Prepro
     """Run (or resume) Ray Train; returns its Result."""
     ft = cfg.finetune
     held = ft.num_workers * ft.cpus_per_worker  # loader.reserved_cpus keeps the reads' share
-    train_input = loader.TrainInput(source.select([ft.train_split]), prep, cfg.augment, cfg.loader, val=source.select([ft.val_split]), held_cpus=held)
+    train_input = loader.TrainInput(
+        source.select([ft.train_split]),
+        prep,
+        cfg.augment,
+        cfg.loader,
+        val=source.select([ft.val_split]),
+        held_cpus=held,
+    )
     samples = source.select([ft.train_split]).count
     steps = loader.batches_per_epoch(samples, ft.num_workers, cfg.loader.batch_size) // ft.accumulate
     if steps < 1:
-        raise ValueError(f"{samples} train samples give no full optimizer step on {ft.num_workers} workers x batch {cfg.loader.batch_size} "
-                         f"x accumulate {ft.accumulate}; lower loader.batch_size")
-    spec = trainloop.LoopSpec(ray.put(weights), list(source.classes), prep, ft, cfg.loader, loader.epoch_splits(train_input, ft.num_workers),
-                              steps, os.environ.get(FAULT_ENV, ""))
+        raise ValueError(
+            f"{samples} train samples give no full optimizer step on {ft.num_workers} workers "
+            f"x batch {cfg.loader.batch_size} "
+            f"x accumulate {ft.accumulate}; lower loader.batch_size"
+        )
+    spec = trainloop.LoopSpec(
+        ray.put(weights),
+        list(source.classes),
+        prep,
+        ft,
+        cfg.loader,
+        loader.epoch_splits(train_input, ft.num_workers),
+        steps,
+        os.environ.get(FAULT_ENV, ""),
+    )
     resources = {"CPU": ft.cpus_per_worker, **({"GPU": ft.gpus_per_worker} if ft.use_gpu else {})}
-    log.info("finetune: %s (%s) on %d %s workers, %d classes, %d train samples, %d steps/epoch, mode %s%s", weights.backbone, weights.weights,
-             ft.num_workers, "GPU" if ft.use_gpu else "CPU", len(source.classes), samples, steps, ft.mode,
-             f" after {ft.head_epochs} head epochs" if ft.head_epochs else "")
+    log.info(
+        "finetune: %s (%s) on %d %s workers, %d classes, %d train samples, %d steps/epoch, mode %s%s",
+        weights.backbone,
+        weights.weights,
+        ft.num_workers,
+        "GPU" if ft.use_gpu else "CPU",
+        len(source.classes),
+        samples,
+        steps,
+        ft.mode,
+        f" after {ft.head_epochs} head epochs" if ft.head_epochs else "",
+    )
     trainer = TorchTrainer(
         trainloop.train_loop_per_worker,
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=ft.num_workers, use_gpu=ft.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name="train", storage_path=out.join(TRAIN_DIR).path, storage_filesystem=out.fs,
+            name="train",
+            storage_path=out.join(TRAIN_DIR).path,
+            storage_filesystem=out.fs,
             failure_config=FailureConfig(max_failures=ft.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=ft.keep_checkpoints, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=ft.keep_checkpoints, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except WorkerGroupError as exc:
+        rank, error = min(exc.worker_failures.items())
+        last = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        raise TrainingFailed(f"worker rank {rank} failed (after {ft.max_failures} restarts at most): {last}") from None
     dropped = train_input.dropped()
     if dropped["dropped"]:
-        log.warning("finetune: undecodable samples dropped per epoch %s, e.g. %s", dropped["dropped"], dropped["examples"][:3])
+        log.warning(
+            "finetune: undecodable samples dropped per epoch %s, e.g. %s", dropped["dropped"], dropped["examples"][:3]
+        )
     return result
 
 
-def finish(cfg: Config, source: ImageSource, weights: ResolvedWeights, prep: Preprocessing, out: storage.Location, result, seconds: float) -> dict:
+def finish(
+    cfg: Config,
+    source: ImageSource,
+    weights: ResolvedWeights,
+    prep: Preprocessing,
+    out: storage.Location,
+    result,
+    seconds: float,
+) -> dict:
     """Export the best checkpoint, score the test split through `classify`, write metrics and plots."""
     state = checkpoint_state(result.checkpoint)
     best_ckpt = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"])[0]
@@ -158,14 +239,34 @@ def finish(cfg: Config, source: ImageSource, weights: ResolvedWeights, prep: Pre
     if ft.test_split and ft.test_split in source.splits:
         test = score_split(cfg, out, ft.test_split)
     best = state["best"]
-    metrics = {"best_epoch": best["epoch"], "epochs_run": len(state["history"]), "stopped_early": state.get("stopped_early", False),
-               "history": state["history"], "val": state["best_val"], **({"test": test} if test else {}), "seconds": round(seconds, 1)}
+    metrics = {
+        "best_epoch": best["epoch"],
+        "epochs_run": len(state["history"]),
+        "stopped_early": state.get("stopped_early", False),
+        "history": state["history"],
+        "val": state["best_val"],
+        **({"test": test} if test else {}),
+        "seconds": round(seconds, 1),
+    }
     storage.write_bytes(out.join("metrics.json"), json.dumps(metrics, indent=1).encode())
     storage.write_bytes(out.join("curves.png"), report.plot_history(state["history"]))
     shown = "test" if test else "val"
-    storage.write_bytes(out.join("confusion.png"), report.plot_confusion(metrics[shown]["confusion_matrix"], list(source.classes), f"confusion matrix ({shown}, best epoch)"))
-    return {"output": out.uri, "model": out.join(MODEL_FILE).uri, "best_epoch": best["epoch"], "epochs_run": len(state["history"]),
-            "val": _scores(state["best_val"]), "test": _scores(test) if test else None, "history": state["history"], "seconds": round(seconds, 1)}
+    storage.write_bytes(
+        out.join("confusion.png"),
+        report.plot_confusion(
+            metrics[shown]["confusion_matrix"], list(source.classes), f"confusion matrix ({shown}, best epoch)"
+        ),
+    )
+    return {
+        "output": out.uri,
+        "model": out.join(MODEL_FILE).uri,
+        "best_epoch": best["epoch"],
+        "epochs_run": len(state["history"]),
+        "val": _scores(state["best_val"]),
+        "test": _scores(test) if test else None,
+        "history": state["history"],
+        "seconds": round(seconds, 1),
+    }
 
 
 def checkpoint_state(checkpoint) -> dict:
@@ -175,7 +276,9 @@ def checkpoint_state(checkpoint) -> dict:
             return json.load(f)
 
 
-def export_model(checkpoint, weights: ResolvedWeights, prep: Preprocessing, classes: list[str], state: dict, out: storage.Location) -> None:
+def export_model(
+    checkpoint, weights: ResolvedWeights, prep: Preprocessing, classes: list[str], state: dict, out: storage.Location
+) -> None:
     """model.pt (the architecture's own state dict names, the new classifier as its final layer)
     and model.json, which `model.weights=<output>/model.pt` reads back in classify and features."""
     with checkpoint.as_directory() as folder:
@@ -185,20 +288,33 @@ def export_model(checkpoint, weights: ResolvedWeights, prep: Preprocessing, clas
     buf = io.BytesIO()
     torch.save(model.export_state(), buf)
     storage.write_bytes(out.join(MODEL_FILE), buf.getvalue())
-    sidecar = {"format": MODEL_FORMAT, "backbone": weights.backbone, "pretrained": {"weights": weights.weights, "digest": weights.digest},
-               "classes": classes, "preprocessing": prep.to_dict(), "best_epoch": state["best"]["epoch"],
-               "metrics": {"val": _scores(state["best_val"])}}
+    sidecar = {
+        "format": MODEL_FORMAT,
+        "backbone": weights.backbone,
+        "pretrained": {"weights": weights.weights, "digest": weights.digest},
+        "classes": classes,
+        "preprocessing": prep.to_dict(),
+        "best_epoch": state["best"]["epoch"],
+        "metrics": {"val": _scores(state["best_val"])},
+    }
     storage.write_bytes(out.join("model.json"), json.dumps(sidecar, indent=1).encode())
 
 
 def score_split(cfg: Config, out: storage.Location, split: str) -> dict:
     """The exported model over one split of the source, through `classify` (the same path users
     take); returns that split's metrics."""
-    classify_cfg = ClassifyConfig(source=cfg.finetune.source, output=out.join(f"predictions-{split}").uri, splits=[split], top_k=5, overwrite=True)
+    classify_cfg = ClassifyConfig(
+        source=cfg.finetune.source, output=out.join(f"predictions-{split}").uri, splits=[split], top_k=5, overwrite=True
+    )
     model_cfg = ModelConfig(backbone=cfg.model.backbone, weights=out.join(MODEL_FILE).uri)
     result = predict.run(model_cfg, classify_cfg, cfg.storage)
     if result["rejected"]:
-        log.warning("finetune: %d %s images rejected while scoring; see %s/errors.jsonl", result["rejected"], split, classify_cfg.output)
+        log.warning(
+            "finetune: %d %s images rejected while scoring; see %s/errors.jsonl",
+            result["rejected"],
+            split,
+            classify_cfg.output,
+        )
     return result["metrics"][split]
 
 

@@ -16,7 +16,7 @@ import torch
 
 from pipeline import report, schema, storage
 from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig
-from pipeline.features import Embedder, stream_units
+from pipeline.features import Embedder, model_actor_plan, stream_units
 from pipeline.parts import Batch, PartSink, plan_run, read_parts, verify_parts, write_errors, write_run_file
 from pipeline.heads import create_head, load_head
 from pipeline.models import ResolvedWeights, resolve_weights
@@ -32,8 +32,8 @@ MAX_PLOTTED_CLASSES = 50
 class Classifier(Embedder):
     """Ray Data actor: backbone embedding -> head (or the backbone's own classifier) -> top-k."""
 
-    def __init__(self, weights: ResolvedWeights, head: tuple[dict, dict] | None, top_k: int, threads: int = 1):
-        super().__init__(weights, "float32", threads)
+    def __init__(self, weights: ResolvedWeights, head: tuple[dict, dict] | None, top_k: int, **placement):
+        super().__init__(weights, "float32", **placement)
         if head is not None:
             spec, state = head
             self.head = create_head(spec)
@@ -80,22 +80,41 @@ def predictions_table(classes: list[str], label_map: np.ndarray):
     return make
 
 
-def resolve_model(model_cfg: ModelConfig, head_uri: str | None, storage_cfg: StorageConfig) -> tuple[ResolvedWeights, tuple | None, list[str], str, str]:
+def resolve_model(
+    model_cfg: ModelConfig, head_uri: str | None, storage_cfg: StorageConfig
+) -> tuple[ResolvedWeights, tuple | None, list[str], str, str]:
     """The backbone's weights, the head (spec, state) or None, the class names, a label for the
     model, and the head's sha256 (so that a rerun never mixes in predictions of an older head).
     With a head, the backbone is the one its features were computed with."""
     if head_uri:
         head, info = load_head(head_uri, storage_cfg)
         if (info["backbone"], info["weights"]) != (model_cfg.backbone, model_cfg.weights):
-            log.info("classify: using the head's backbone %s (weights %s); model.* is ignored with a head", info["backbone"], info["weights"])
+            log.info(
+                "classify: using the head's backbone %s (weights %s); model.* is ignored with a head",
+                info["backbone"],
+                info["weights"],
+            )
         weights = resolve_weights(info["backbone"], info["weights"], storage_cfg)
-        if weights.preprocessing != Preprocessing.from_dict(info["preprocessing"]) or (info.get("weights_digest") or weights.digest) != weights.digest:
-            raise ValueError(f"{head_uri}: the head was trained on features of {info['backbone']} {info['weights']} ({info.get('weights_digest')}, "
-                             f"{info['preprocessing']}); those weights now give {weights.digest}, {weights.preprocessing.to_dict()}")
-        return weights, (info["architecture"], head.state_dict()), list(info["classes"]), f"{info['backbone']} + head {head_uri}", info["sha256"]
+        if (
+            weights.preprocessing != Preprocessing.from_dict(info["preprocessing"])
+            or (info.get("weights_digest") or weights.digest) != weights.digest
+        ):
+            raise ValueError(
+                f"{head_uri}: the head was trained on features of {info['backbone']} {info['weights']} ({info.get('weights_digest')}, "
+                f"{info['preprocessing']}); those weights now give {weights.digest}, {weights.preprocessing.to_dict()}"
+            )
+        return (
+            weights,
+            (info["architecture"], head.state_dict()),
+            list(info["classes"]),
+            f"{info['backbone']} + head {head_uri}",
+            info["sha256"],
+        )
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
     if weights.categories is None:
-        raise ValueError(f"{model_cfg.backbone} with weights {weights.weights} has no trained classifier; set classify.head to a train-head output, or use pretrained weights")
+        raise ValueError(
+            f"{model_cfg.backbone} with weights {weights.weights} has no trained classifier; set classify.head to a train-head output, or use pretrained weights"
+        )
     return weights, None, list(weights.categories), f"{weights.backbone} ({weights.weights}) own classifier", ""
 
 
@@ -111,20 +130,42 @@ def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig)
     index = {name: i for i, name in enumerate(classes)}
     label_map = np.array([index.get(c, -1) for c in (source.classes or ())], dtype=np.int64)
     k = min(cfg.top_k, len(classes))
-    metadata = {"model": model_name, **{key: json.dumps(v) if isinstance(v, dict) else str(v) for key, v in weights.describe().items()},
-                "head": cfg.head or "", "head_sha256": head_digest, "classes": json.dumps(classes), "top_k": str(k), "source": source.location.uri}
+    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size)
+    metadata = {
+        "model": model_name,
+        "compute": plan.compute,
+        **{key: json.dumps(v) if isinstance(v, dict) else str(v) for key, v in weights.describe().items()},
+        "head": cfg.head or "",
+        "head_sha256": head_digest,
+        "classes": json.dumps(classes),
+        "top_k": str(k),
+        "source": source.location.uri,
+    }
     identity = {**metadata, "kind": source.kind}
     every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite)
-    log.info("classify with %s: %d inputs in %d parts; %d parts to write", model_name, source.count, len(source.units), len(todo))
+    log.info(
+        "classify with %s: %d inputs in %d parts; %d parts to write",
+        model_name,
+        source.count,
+        len(source.units),
+        len(todo),
+    )
     if todo:
         write_run_file(out, RUN_FILE, identity, None, every)
         sink = PartSink(out, todo, predictions_table(classes, label_map), metadata)
-        stream_units(source, todo, weights, Classifier, {"head": head, "top_k": k}, cfg.batch_size, cfg.actors, sink)
+        stream_units(
+            source, todo, weights, Classifier, {"head": head, "top_k": k}, plan, cfg.batch_size, cfg.decode_batch, sink
+        )
     result = verify_parts(out, every)
     result["metrics"] = accuracy_summary(out, every, result["parts"], classes, k)
     write_errors(out, result["rejects"])
     if result["metrics"] and len(classes) <= MAX_PLOTTED_CLASSES:
-        storage.write_bytes(out.join("confusion.png"), report.plot_confusion(result["metrics"]["all"]["confusion_matrix"], classes, "confusion matrix (every labelled row)"))
+        storage.write_bytes(
+            out.join("confusion.png"),
+            report.plot_confusion(
+                result["metrics"]["all"]["confusion_matrix"], classes, "confusion matrix (every labelled row)"
+            ),
+        )
     write_run_file(out, RUN_FILE, identity, {**result, "written": len(todo)}, every)
     return {**result, "written": len(todo), "output": out.uri, "model": model_name}
 
@@ -139,5 +180,9 @@ def accuracy_summary(out: storage.Location, units, parts: list[str], classes: li
         topk = table.column(schema.TOPK).combine_chunks().flatten().to_numpy().reshape(len(labels), k)
         rows[split] = (labels, topk)
     rows["all"] = tuple(np.concatenate(arrays) for arrays in zip(*rows.values()))
-    summary = {s: report.classification_metrics(labels, topk, classes, k) for s, (labels, topk) in rows.items() if (labels >= 0).any()}
+    summary = {
+        s: report.classification_metrics(labels, topk, classes, k)
+        for s, (labels, topk) in rows.items()
+        if (labels >= 0).any()
+    }
     return summary or None

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import ray
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from pipeline import devices, loader, report, schema, transfer
 from pipeline.config import FinetuneConfig, LoaderConfig
-from pipeline.preprocessing import Preprocessing, to_model_input
+from pipeline.preprocessing import DeviceNormalizer, Preprocessing
 
 log = logging.getLogger("imgpipe")
 
@@ -67,8 +68,14 @@ class FinetuneRunner:
         self.spec, self.cfg = spec, spec.cfg
         self.rank, self.world = rank, world
         self.device = devices.worker_device(self.cfg.use_gpu, ray.get_gpu_ids())
+        if self.device.type == "cuda":
+            # Ray Train maps the worker's GPU to a local index; NCCL collectives need it current.
+            self.device = ray.train.torch.get_device()
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True  # drop_last batches: one input shape, tuned once
         self.precision = devices.resolve_precision(self.cfg.precision, self.device)
         self.channels_last = self.cfg.channels_last
+        self.normalize = DeviceNormalizer(spec.prep, self.device, self.channels_last)
         torch.manual_seed(self.cfg.seed)  # the new classifier starts the same on every rank
         self.model = transfer.FineTuneModel(ray.get(spec.weights), len(spec.classes)).to(self.device)
         if self.channels_last:
@@ -76,7 +83,16 @@ class FinetuneRunner:
         self.optimizer = transfer.create_optimizer(self.model, self.cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing, ignore_index=schema.UNLABELED)
-        self.state = {"epoch": 0, "batch": 0, "history": [], "best": None, "best_val": None, "waited": 0, "done": False, "partial": None}
+        self.state = {
+            "epoch": 0,
+            "batch": 0,
+            "history": [],
+            "best": None,
+            "best_val": None,
+            "waited": 0,
+            "done": False,
+            "partial": None,
+        }
         self.net, self.phase, self.frozen = self.model, None, []
         if self.rank == 0:
             log.info("finetune rank 0 of %d: %s", self.world, devices.describe(self.device, self.precision))
@@ -99,16 +115,20 @@ class FinetuneRunner:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if self.rank == 0:
-            log.info("phase %s: %d stages frozen, %d trainable parameters", phase, len(self.frozen), _trainable(self.model))
+            log.info(
+                "phase %s: %d stages frozen, %d trainable parameters", phase, len(self.frozen), _trainable(self.model)
+            )
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass over this rank's batches; returns train loss, top-1, top-5, images/s, data wait share."""
-        transfer.train_mode(self.model, self.frozen)
+        transfer.train_mode(self.model, self.frozen, self.cfg.freeze_bn_stats)
         self.optimizer.zero_grad(set_to_none=True)
         resume_at = self.state["batch"]
         sums = torch.tensor(self.state["partial"] or [0.0] * 4, dtype=torch.float64, device=self.device)
         batches = loader.worker_batches(self.spec.splits, self.spec.loader, epoch, self.rank)
-        bar = _progress(self.rank, self.spec.steps_per_epoch * self.cfg.accumulate, f"epoch {epoch + 1}/{self.cfg.epochs}")
+        bar = _progress(
+            self.rank, self.spec.steps_per_epoch * self.cfg.accumulate, f"epoch {epoch + 1}/{self.cfg.epochs}"
+        )
         waited, started, mark = 0.0, time.perf_counter(), time.perf_counter()
         index = -1
         for index, batch in enumerate(batches):
@@ -123,15 +143,17 @@ class FinetuneRunner:
         sums = _all_reduce(sums)
         elapsed = time.perf_counter() - started
         images = (index + 1) * self.spec.loader.batch_size * self.world
-        share = float(_all_reduce(torch.tensor([waited / max(elapsed, 1e-9)], dtype=torch.float64, device=self.device))[0]) / self.world
+        share = (
+            float(_all_reduce(torch.tensor([waited / max(elapsed, 1e-9)], dtype=torch.float64, device=self.device))[0])
+            / self.world
+        )
         return {**_rates(sums, "train"), "images_per_s": images / max(elapsed, 1e-9), "data_wait": share}
 
     def train_step(self, batch: dict, epoch: int, index: int) -> torch.Tensor:
         """Forward, backward (DDP all-reduces on the accumulation window's last batch), and an
         optimizer step every `accumulate` batches; returns [loss x n, top-1 hits, top-5 hits, n]."""
         torch.manual_seed(step_seed(self.cfg.seed, epoch, index, self.rank))  # dropout, the same after a resume
-        x = to_model_input(batch[schema.PIXELS], self.spec.prep, self.device, self.channels_last)
-        y = torch.from_numpy(np.asarray(batch[schema.LABEL], dtype=np.int64)).to(self.device, non_blocking=True)
+        x, y = self.inputs(batch)
         last = (index + 1) % self.cfg.accumulate == 0
         sync = contextlib.nullcontext() if last or self.net is self.model else self.net.no_sync()
         with sync:
@@ -141,7 +163,9 @@ class FinetuneRunner:
             self.scaler.scale(loss / self.cfg.accumulate).backward()
         if last:
             step = (index + 1) // self.cfg.accumulate
-            transfer.set_lr(self.optimizer, transfer.lr_factor(epoch + step / max(self.spec.steps_per_epoch, 1), self.cfg))
+            transfer.set_lr(
+                self.optimizer, transfer.lr_factor(epoch + step / max(self.spec.steps_per_epoch, 1), self.cfg)
+            )
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -155,8 +179,7 @@ class FinetuneRunner:
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         labels, topk = [], []
         for batch in loader.worker_eval_batches(self.spec.splits, self.spec.loader, epoch, self.rank):
-            x = to_model_input(batch[schema.PIXELS], self.spec.prep, self.device, self.channels_last)
-            y = torch.from_numpy(np.asarray(batch[schema.LABEL], dtype=np.int64)).to(self.device)
+            x, y = self.inputs(batch)
             with self.autocast():
                 logits = self.model(x).float()
             sums += _hits(logits, y, self.loss_fn(logits, y))
@@ -164,9 +187,17 @@ class FinetuneRunner:
             topk.append(logits.topk(min(TOPK, logits.shape[1]), dim=1).indices.cpu().numpy())
         sums = _all_reduce(sums)
         k = min(TOPK, len(self.spec.classes))
-        parts = _all_gather((np.concatenate(labels) if labels else np.zeros(0, np.int64), np.concatenate(topk) if topk else np.zeros((0, k), np.int64)))
+        parts = _all_gather(
+            (
+                np.concatenate(labels) if labels else np.zeros(0, np.int64),
+                np.concatenate(topk) if topk else np.zeros((0, k), np.int64),
+            )
+        )
         all_labels, all_topk = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        return {**_rates(sums, "val"), "metrics": report.classification_metrics(all_labels, all_topk, self.spec.classes, TOPK)}
+        return {
+            **_rates(sums, "val"),
+            "metrics": report.classification_metrics(all_labels, all_topk, self.spec.classes, TOPK),
+        }
 
     def end_epoch(self, epoch: int, train: dict, val: dict) -> None:
         """Record the epoch, keep the best, decide on stopping, checkpoint and report."""
@@ -181,10 +212,20 @@ class FinetuneRunner:
         stop = self.cfg.patience is not None and state["waited"] >= self.cfg.patience
         if stop and self.rank == 0:
             log.info("early stop after epoch %d: val loss has not improved for %d epochs", epoch + 1, self.cfg.patience)
-        state.update(epoch=epoch + 1, batch=0, partial=None, done=stop or epoch + 1 >= self.cfg.epochs, stopped_early=stop)
+        state.update(
+            epoch=epoch + 1, batch=0, partial=None, done=stop or epoch + 1 >= self.cfg.epochs, stopped_early=stop
+        )
         if self.rank == 0:
-            log.info("epoch %d: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f | %.0f img/s, data wait %.0f%%", epoch + 1,
-                     row["train_loss"], row["train_top1"], row["val_loss"], row["val_top1"], row["images_per_s"], 100 * row["data_wait"])
+            log.info(
+                "epoch %d: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f | %.0f img/s, data wait %.0f%%",
+                epoch + 1,
+                row["train_loss"],
+                row["train_top1"],
+                row["val_loss"],
+                row["val_top1"],
+                row["images_per_s"],
+                100 * row["data_wait"],
+            )
         self.save_checkpoint({k: v for k, v in row.items() if k != "phase"})
 
     def maybe_checkpoint(self, epoch: int, index: int, sums: torch.Tensor) -> None:
@@ -194,7 +235,12 @@ class FinetuneRunner:
         if not every or (index + 1) % self.cfg.accumulate or ((index + 1) // self.cfg.accumulate) % every:
             return
         self.state.update(batch=index + 1, partial=sums.tolist())
-        self.save_checkpoint({"epoch": epoch + (index + 1) / max(self.spec.steps_per_epoch * self.cfg.accumulate, 1), "val_loss": float("inf")})
+        self.save_checkpoint(
+            {
+                "epoch": epoch + (index + 1) / max(self.spec.steps_per_epoch * self.cfg.accumulate, 1),
+                "val_loss": float("inf"),
+            }
+        )
 
     def save_checkpoint(self, metrics: dict) -> None:
         """Rank 0 writes the tensors and the run state; every rank reports (a collective)."""
@@ -202,7 +248,11 @@ class FinetuneRunner:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+            tensors = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            }
             torch.save(tensors, Path(tmp) / TENSORS_FILE)
             (Path(tmp) / STATE_FILE).write_text(json.dumps(self.state))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -219,6 +269,14 @@ class FinetuneRunner:
         self.scaler.load_state_dict(tensors["scaler"])
         if self.rank == 0:
             log.info("resumed from a checkpoint: epoch %d, batch %d", self.state["epoch"], self.state["batch"])
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 pixels to the device (pinned, async on GPU), normalised there; labels as int64."""
+        pixels = torch.from_numpy(np.ascontiguousarray(batch[schema.PIXELS]))
+        labels = torch.from_numpy(np.asarray(batch[schema.LABEL], dtype=np.int64))
+        if self.device.type == "cuda":
+            pixels, labels = pixels.pin_memory(), labels.pin_memory()
+        return self.normalize(pixels.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
 
     def autocast(self):
         dtype = devices.autocast_dtype(self.precision)

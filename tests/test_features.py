@@ -80,6 +80,7 @@ def test_features_exactly_once_resume_and_schema(prepared, s3):
     assert features.run(ModelConfig(), cfg, StorageConfig())["written"] == 0
     run_file = json.loads(s3.get_object(Bucket=bucket, Key="feats/features.json")["Body"].read())
     assert run_file["complete"] and run_file["rows"] == 24 and len(run_file["parts"]) == len(shards)
+    assert run_file["identity"]["compute"] == "cpu/fp32"  # a GPU resume (bf16) would be another run
 
     # Parts of another run are never mixed in: refused, or replaced when asked.
     other = cfg.model_copy(update={"dtype": "float32"})
@@ -143,17 +144,6 @@ def test_splits_one_at_a_time_reprepared_input_and_a_missing_shard(ray_session, 
     (tmp_path / "prepared" / "train-000000.tar").unlink()
     with pytest.raises(storage.StorageError, match=r"train-000000.tar: no such file.*is incomplete: run `imgpipe prepare` again"):
         features.run(ModelConfig(), cfg, StorageConfig())
-
-
-def test_actor_sizing_for_cpus_and_gpus():
-    cpu = features.size_actors(None, None, cpus=4, gpus=0, cores=2)
-    assert (cpu.size, cpu.num_gpus, cpu.threads) == (2, 0.0, 1) and cpu.num_cpus == 1.5
-    assert features.size_actors(None, 1, cpus=4, gpus=0, cores=2).size == 1  # never more actors than batches
-    gpu = features.size_actors(None, None, cpus=32, gpus=4, cores=32)
-    assert (gpu.size, gpu.num_gpus, gpu.num_cpus) == (4, 1.0, 1.0)
-    assert features.size_actors(None, None, cpus=4, gpus=4, cores=4).num_cpus == 0.25  # CPUs stay free for decoding
-    with pytest.raises(ValueError, match=r"5 model actors asked for, but the cluster has 4 GPUs"):
-        features.size_actors(5, None, cpus=32, gpus=4, cores=32)
 
 
 def test_part_sink_writes_each_unit_once_and_names_what_does_not_add_up(tmp_path):

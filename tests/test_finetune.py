@@ -29,8 +29,16 @@ def base_config(bucket: str, output: str, **finetune_keys) -> dict:
         "augment": {"hflip": 0.5},
         "loader": {"batch_size": 8, "shuffle_buffer": 16, "actor_cpus": 0.5, "prefetch_batches": 1},
         "finetune": {
-            "source": f"s3://{bucket}/prepared", "output": f"s3://{bucket}/{output}", "image_size": 32, "epochs": 3,
-            "num_workers": 2, "cpus_per_worker": 0.5, "optimizer": "adamw", "lr": 0.003, "max_failures": 1, **finetune_keys,
+            "source": f"s3://{bucket}/prepared",
+            "output": f"s3://{bucket}/{output}",
+            "image_size": 32,
+            "epochs": 3,
+            "num_workers": 2,
+            "cpus_per_worker": 0.5,
+            "optimizer": "adamw",
+            "lr": 0.003,
+            "max_failures": 1,
+            **finetune_keys,
         },
     }
 
@@ -41,10 +49,16 @@ def colours(ray_session, s3, tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("colours")
 
     def samples(split: str, n: int, offset: int) -> list:
-        return [(f"{split}{i:03d}", jpeg_bytes(40, 32, seed=offset + i, color=CLASS_COLORS[i % 3]), i % 3) for i in range(n)]
+        return [
+            (f"{split}{i:03d}", jpeg_bytes(40, 32, seed=offset + i, color=CLASS_COLORS[i % 3]), i % 3) for i in range(n)
+        ]
 
-    write_shards(root, {"train": samples("train", 48, 0), "val": samples("val", 12, 1000), "test": samples("test", 12, 2000)},
-                 per_shard=12, classes=CLASSES)
+    write_shards(
+        root,
+        {"train": samples("train", 48, 0), "val": samples("val", 12, 1000), "test": samples("test", 12, 2000)},
+        per_shard=12,
+        classes=CLASSES,
+    )
     bucket = "finetune-colours"
     s3.create_bucket(Bucket=bucket)
     upload_tree(s3, bucket, root, "prepared")
@@ -89,7 +103,9 @@ def test_two_workers_learn_checkpoint_to_the_bucket_and_export(baseline, colours
 def test_classify_reads_the_exported_model_with_one_setting(baseline, colours):
     model = ModelConfig(weights=f"s3://{colours}/baseline/model.pt")  # backbone left at its default
     out = f"s3://{colours}/predicted"
-    result = predict.run(model, ClassifyConfig(source=f"s3://{colours}/prepared", output=out, splits=["test"]), build_config({}).storage)
+    result = predict.run(
+        model, ClassifyConfig(source=f"s3://{colours}/prepared", output=out, splits=["test"]), build_config({}).storage
+    )
     assert result["rows"] == 12 and result["rejected"] == 0
     assert result["metrics"]["test"]["top1"] == baseline["test"]["top1"]
     assert "simple_cnn" in result["model"]
@@ -99,12 +115,14 @@ def test_classify_reads_the_exported_model_with_one_setting(baseline, colours):
 def test_a_finished_run_is_not_run_again_and_another_config_is_refused(baseline, colours, capsys):
     again = finetune.run(build_config(base_config(colours, "baseline")))
     assert again["already_finished"] and again["best_epoch"] == baseline["best_epoch"]
-    with pytest.raises(ValueError, match=r"another config \(finetune\.lr: 0\.003 there, 0\.01 now\)"):
+    with pytest.raises(ValueError, match=r"another config or input \(finetune\.lr: 0\.003 there, 0\.01 now\)"):
         finetune.run(build_config(base_config(colours, "baseline", lr=0.01)))
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)
-def test_a_worker_fault_mid_epoch_is_recovered_with_the_same_final_weights(baseline, colours, s3, tmp_path, monkeypatch):
+def test_a_worker_fault_mid_epoch_is_recovered_with_the_same_final_weights(
+    baseline, colours, s3, tmp_path, monkeypatch
+):
     marker = tmp_path / "fault-fired"
     # Rank 1 raises once at the last batch of epoch 2; mid-epoch checkpoints every step mean the
     # run resumes inside the epoch, on a fresh worker group.
@@ -126,7 +144,9 @@ def test_linear_probe_leaves_the_pretrained_trunk_bit_identical(colours, s3):
     raw = base_config(colours, "probe", mode="linear_probe", epochs=1, lr=0.05)
     raw["model"]["weights"] = f"s3://{colours}/init/simple.pt"
     result = finetune.run(build_config(raw))
-    exported = torch.load(io.BytesIO(s3.get_object(Bucket=colours, Key="probe/model.pt")["Body"].read()), weights_only=True)
+    exported = torch.load(
+        io.BytesIO(s3.get_object(Bucket=colours, Key="probe/model.pt")["Body"].read()), weights_only=True
+    )
     trunk = [k for k in pretrained if not k.startswith("classifier.")]
     assert all(torch.equal(exported[k], pretrained[k]) for k in trunk)  # BatchNorm running stats included
     assert exported["classifier.weight"].shape == (3, 256)
@@ -160,5 +180,31 @@ def _flat(values: dict):
 
 
 def test_predictions_of_the_export_are_parquet_with_classes(baseline, colours, s3):
-    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=colours, Key="baseline/predictions-test/test/part-000000.parquet")["Body"].read()))
+    table = pq.read_table(
+        io.BytesIO(
+            s3.get_object(Bucket=colours, Key="baseline/predictions-test/test/part-000000.parquet")["Body"].read()
+        )
+    )
     assert table.num_rows == 12 and set(table.column("pred_class").to_pylist()) <= set(CLASSES)
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_features_embed_with_the_fine_tuned_trunk(baseline, colours):
+    from pipeline import features
+    from pipeline.config import FeaturesConfig
+
+    cfg = FeaturesConfig(source=f"s3://{colours}/prepared", output=f"s3://{colours}/tuned-features", splits=["test"])
+    result = features.run(ModelConfig(weights=f"s3://{colours}/baseline/model.pt"), cfg, build_config({}).storage)
+    assert (result["rows"], result["rejected"], result["dim"]) == (12, 0, 256)  # simple_cnn's dense layer
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_a_worker_that_keeps_failing_ends_the_job_in_one_line(colours, tmp_path, monkeypatch):
+    monkeypatch.setenv(finetune.FAULT_ENV, f"0:0:1:{tmp_path / 'fired'}")
+    raw = base_config(colours, "failing", max_failures=0, epochs=1)
+    argv = [f"--set={section}.{key}={value}" for section, values in raw.items() for key, value in _flat(values)]
+    with pytest.raises(SystemExit) as exc:
+        finetune_job.main(argv)
+    text = str(exc.value.code)
+    assert text.startswith("imgpipe finetune: worker rank 1 failed") and "\n" not in text
+    assert "injected fault at epoch 0, batch 0, rank 1" in text

@@ -36,7 +36,7 @@ def model_of(name: str, classes: int = 3, pretrained: bool = False) -> FineTuneM
 
 def one_step(model: FineTuneModel, cfg: FinetuneConfig, frozen: list[str], size: int = 64) -> None:
     optimizer = create_optimizer(model, cfg)
-    train_mode(model, frozen)
+    train_mode(model, frozen, cfg.freeze_bn_stats)
     x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 0])
     torch.nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()
@@ -83,6 +83,19 @@ def test_partial_changes_only_the_last_stages():
     after = model.trunk.state_dict()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"layer3", "layer4"}
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_full_fine_tuning_keeps_pretrained_batchnorm_statistics_when_asked(freeze):
+    model = model_of("resnet18", pretrained=True)
+    frozen = set_trainable(model, "full", 2)
+    assert frozen == []
+    before = snapshot(model.trunk)
+    one_step(model, FinetuneConfig(freeze_bn_stats=freeze), frozen)
+    after = model.trunk.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert all(torch.equal(before[k], after[k]) for k in stats) == freeze
+    assert not torch.equal(before["layer1.0.conv1.weight"], after["layer1.0.conv1.weight"])
 
 
 def test_two_phase_schedule_and_refusals():
@@ -160,3 +173,36 @@ def test_kernel_check_and_driver_version(tmp_path):
     assert devices.driver_version(proc) == "550.54.15"
     assert devices.driver_version(tmp_path / "missing") is None
     assert math.isclose(devices.MIN_DRIVER[13], 580)
+
+
+CONFIGS = __import__("pathlib").Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize(
+    "name", ["digits-finetune", "digits-scratch", "imagenet-resnet50-finetune", "flowers-mobilenet-finetune"]
+)
+def test_shipped_finetune_configs_hold_together(name):
+    from pipeline.config import load_config
+    from pipeline.models import known_backbones
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    ft = cfg.finetune
+    assert cfg.model.backbone in known_backbones()
+    check_mode(cfg.model.backbone, ft, pretrained=cfg.model.weights.lower() != "none")
+    assert ft.source and ft.output and ft.epochs > ft.head_epochs
+    model = model_of(cfg.model.backbone)
+    assert ft.mode != "partial" or ft.unfreeze_stages < len(model.stages)
+
+
+def test_the_cluster_configs_scale_the_reference_recipe():
+    from pipeline.config import load_config
+
+    imagenet = load_config(CONFIGS / "imagenet-resnet50-finetune.yaml")
+    ft, batch = imagenet.finetune, imagenet.loader.batch_size
+    assert ft.use_gpu and ft.num_workers == 8 and ft.gpus_per_worker == 1
+    assert ft.lr == pytest.approx(0.1 * ft.num_workers * batch * ft.accumulate / 256)  # linear scaling rule
+    assert (ft.epochs, ft.momentum, ft.weight_decay, ft.optimizer) == (90, 0.9, 1e-4, "sgd")
+    flowers = load_config(CONFIGS / "flowers-mobilenet-finetune.yaml")
+    stages = [n for n, _ in model_of(flowers.model.backbone).stages]
+    assert stages[-flowers.finetune.unfreeze_stages :] == ["features.14", "features.15", "features.16", "classifier"]
+    assert flowers.finetune.head_epochs == 3 and flowers.finetune.mode == "partial"
