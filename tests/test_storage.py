@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from pipeline import storage
 from pipeline.config import StorageConfig
+from processes import free_port, wait_for_port
 
 
 def test_s3_round_trip_and_listing(s3, bucket):
@@ -63,14 +62,14 @@ def test_explicit_endpoint_from_config(s3_endpoint, s3, bucket):
 def test_refused_credentials_are_named_not_printed(tmp_path):
     """A second S3 server that checks credentials: a wrong key is refused, and the message
     points at the AWS chain without echoing the secret."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for_port(port)
+        wait_for_port(port, "moto server")
         script = (
             "import os\n"
             "os.environ.update(AWS_ACCESS_KEY_ID='AKIAWRONG', AWS_SECRET_ACCESS_KEY='s3cr3t-value')\n"
@@ -88,19 +87,3 @@ def test_refused_credentials_are_named_not_printed(tmp_path):
         server.wait(10)
     assert out.startswith("s3://some-bucket/raw: access refused; check the credentials of the standard AWS chain")
     assert "s3cr3t-value" not in out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"moto server did not start on port {port}")
