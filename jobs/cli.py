@@ -15,14 +15,27 @@ JOBS = {
 }
 
 
+# Commands that send jobs to a cluster and watch them (cluster.submit), beside the jobs themselves.
+CLUSTER_COMMANDS = {
+    "submit": "send a job to a Ray cluster: imgpipe submit <job> [job flags] [--address URL] [--follow]",
+    "jobs": "jobs sent to a cluster: imgpipe jobs list | status ID | logs ID [--follow] | stop ID",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch to `jobs.<job>.main`."""
+    """Dispatch to `jobs.<job>.main`, or to `cluster.submit` for `submit` and `jobs`."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in CLUSTER_COMMANDS:
+        from cluster import submit
+
+        sys.exit(submit.main(argv, JOBS))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in JOBS:
-        width = max(map(len, JOBS))
+        width = max(map(len, {**JOBS, **CLUSTER_COMMANDS}))
         lines = [f"  {name:<{width}}  {text}" for name, text in JOBS.items()]
+        cluster = [f"  {name:<{width}}  {text}" for name, text in CLUSTER_COMMANDS.items()]
         known = "" if not argv or argv[0] in ("-h", "--help") else f"unknown job {argv[0]!r}\n"
-        sys.exit(f"{known}usage: imgpipe <job> [--config FILE] [--set key=value ...] [--address ADDR]\n\njobs:\n" + "\n".join(lines))
+        usage = "usage: imgpipe <job> [--config FILE] [--set key=value ...] [--address ADDR]"
+        sys.exit(f"{known}{usage}\n\njobs:\n" + "\n".join(lines) + "\n\non a cluster:\n" + "\n".join(cluster))
     module = importlib.import_module(f"jobs.{argv[0].replace('-', '_')}")
     module.main(argv[1:])
 

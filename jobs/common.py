@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from pipeline import runtime, storage
 from pipeline.config import Config, ConfigError, dump_config, load_config
 
 log = logging.getLogger("imgpipe")
+USER_ERRORS = (ConfigError, storage.StorageError, ValueError, FileNotFoundError)
+_RAISED = re.compile(
+    r"^(?:[\w.]+\.)?(?:ConfigError|StorageError|StorageUnavailable|ValueError|FileNotFoundError): (.+)$", re.M
+)
 
 
 def parse_config(job: str, description: str, argv: list[str] | None) -> Config:
@@ -48,8 +53,20 @@ def run_job(job: str, fn, *args) -> object:
     """Call the job's pipeline entry; user-facing errors end the process with one line."""
     try:
         return fn(*args)
-    except (ConfigError, storage.StorageError, ValueError, FileNotFoundError) as exc:
+    except Exception as exc:
+        message = user_error(exc)
+        if message is None:
+            raise
         log.debug("failure", exc_info=True)
-        # An error raised inside a Ray task arrives wrapped, its message behind a traceback.
-        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-        sys.exit(f"imgpipe {job}: {cause}")
+        sys.exit(f"imgpipe {job}: {message}")
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The message of the config, storage or input error behind `exc`: its own, or that of what a Ray task
+    raised (a RayTaskError's cause), or, when a Ray Data function raised it, the last such line of the
+    traceback text, which is all that reaches the driver of the original error."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    if isinstance(cause, USER_ERRORS) and not isinstance(cause, RayError):
+        return str(cause)
+    raised = _RAISED.findall(str(exc)) if isinstance(exc, RayError) else []
+    return raised[-1] if raised else None

@@ -33,6 +33,11 @@ class StorageConfig(Section):
     endpoint_url: Optional[str] = None  # S3-compatible endpoint; else AWS_ENDPOINT_URL; else AWS
     region: Optional[str] = None  # else AWS_REGION / AWS_DEFAULT_REGION; else us-east-1
     anonymous: bool = False  # public buckets
+    # Transient errors (connection refused or reset, 5xx, throttling): each S3 request is tried up to
+    # max_attempts times with exponential backoff inside pyarrow, in the driver and in every Ray task;
+    # imgpipe's own reads and writes then keep retrying, logged, for up to retry_seconds in all.
+    max_attempts: int = Field(default=5, ge=1)
+    retry_seconds: float = Field(default=60.0, ge=0)
 
 
 class RayConfig(Section):

@@ -16,7 +16,7 @@ log = logging.getLogger("imgpipe")
 
 # Passed to cluster workers so that they reach the same S3-compatible store as the driver.
 # Credentials are not in this list: cluster nodes use their own AWS chain (instance roles).
-_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def connect(cfg: RayConfig) -> str:
@@ -26,7 +26,10 @@ def connect(cfg: RayConfig) -> str:
         return "existing"
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        # A submitted job's runtime env already reaches every worker; Ray refuses a ray.init
+        # runtime env that names the same variables again.
+        submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        env = {} if submitted else {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
         log.info("connected to the Ray cluster at %s (%s CPUs, %s GPUs)", address, *_capacity())
         return f"cluster {address}"

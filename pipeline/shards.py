@@ -109,6 +109,8 @@ def _load_sample(item: RawInput, src_fs, max_pixels: int, images: np.ndarray | N
         return _encode_array(images[item.index]), ""
     try:
         data = storage.read_bytes(storage.Location(src_fs, item.path, item.source))
+    except storage.StorageUnavailable:
+        raise  # the store is down: the job's error, not this input's
     except storage.StorageError as exc:
         return None, f"cannot read: {exc}"
     try:

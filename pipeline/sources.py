@@ -163,6 +163,8 @@ def _read_files(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
         row = _row(key, b"", int(label), f"{uri}/{rel}", unit["name"], "")
         try:
             row[schema.IMAGE] = storage.read_bytes(storage.Location(fs, path, row[schema.SOURCE]))
+        except storage.StorageUnavailable:
+            raise  # the store is down: the job's error, not this input's
         except storage.StorageError as exc:
             row[schema.ERROR] = f"cannot read: {exc}"
         yield row
@@ -175,6 +177,8 @@ def _read_shard(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
     # its samples cannot even be named as rejects.
     try:
         data = storage.read_bytes(storage.Location(fs, path, shard_uri))
+    except storage.StorageUnavailable:
+        raise
     except storage.StorageError as exc:
         raise storage.StorageError(f"{exc}. The prepared dataset {uri} is incomplete: run `imgpipe prepare` again") from None
     samples: dict[str, dict[str, bytes]] = {}

@@ -8,20 +8,38 @@ AWS/GCP chains; this module never reads, prints or writes them.
 
 from __future__ import annotations
 
+import copyreg
+import logging
 import os
 import posixpath
 import re
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pyarrow.fs as pafs
 
 from pipeline.config import StorageConfig
 
+log = logging.getLogger("imgpipe")
+T = TypeVar("T")
+
+# The errors that go away by themselves: connection refused or reset, 5xx, throttling, timeouts.
+TRANSIENT = re.compile(
+    r"NETWORK_CONNECTION|curlCode|Connection (refused|reset)|SLOW_DOWN|THROTTL|Throttl|SERVICE_UNAVAILABLE"
+    r"|INTERNAL_FAILURE|REQUEST_TIME_?OUT|HTTP status 5\d\d"
+)
+
 
 class StorageError(OSError):
     """A URI that cannot be used; the message names the URI and what to do."""
+
+
+class StorageUnavailable(StorageError):
+    """The store kept failing with transient errors past the retry budget: the job's problem, never
+    one input's (callers that turn a read error into a reject must let this one through)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +65,8 @@ def resolve(uri: str, cfg: StorageConfig | None = None) -> Location:
     """Parse a URI into a `Location`; local paths become absolute."""
     cfg = cfg or StorageConfig()
     if uri.startswith("s3://"):
-        return Location(_s3(_endpoint(cfg), _region(cfg), cfg.anonymous), uri[5:].rstrip("/"), uri.rstrip("/"))
+        fs = _s3(_endpoint(cfg), _region(cfg), cfg.anonymous, cfg.max_attempts, cfg.retry_seconds)
+        return Location(fs, uri[5:].rstrip("/"), uri.rstrip("/"))
     if uri.startswith(("gs://", "gcs://")):
         path = uri.split("://", 1)[1].rstrip("/")
         return Location(_gcs(cfg.anonymous), path, uri.rstrip("/"))
@@ -64,10 +83,7 @@ def is_local(loc: Location) -> bool:
 
 def list_files(loc: Location) -> list[pafs.FileInfo]:
     """Every file under a prefix, recursively, sorted by path; a missing prefix is an error."""
-    try:
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
-    except (OSError, FileNotFoundError) as exc:
-        raise explain(exc, loc.uri) from None
+    infos = retrying(loc, lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)))
     files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
     if not files:
         raise StorageError(f"{loc.uri}: no files under this prefix; check the path")
@@ -76,32 +92,29 @@ def list_files(loc: Location) -> list[pafs.FileInfo]:
 
 def read_bytes(loc: Location) -> bytes:
     """The whole object, as stored (no decompression by file extension)."""
-    try:
+    def read() -> bytes:
         with loc.fs.open_input_stream(loc.path, compression=None) as f:
             return f.read()
-    except (OSError, FileNotFoundError) as exc:
-        raise explain(exc, loc.uri) from None
+
+    return retrying(loc, read)
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
     """Write an object in one go (one PUT on S3, so readers never see half of it)."""
-    try:
+    def write() -> None:
         if is_local(loc):
             loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
             _write_local_atomic(loc.path, data)
-        else:
+        else:  # a retried PUT replaces the object whole; a failed one leaves nothing
             with loc.fs.open_output_stream(loc.path) as f:
                 f.write(data)
-    except (OSError, FileNotFoundError) as exc:
-        raise explain(exc, loc.uri) from None
+
+    retrying(loc, write)
 
 
 def exists(loc: Location) -> bool:
     """True when an object (or a local file) is there."""
-    try:
-        return loc.fs.get_file_info(loc.path).type == pafs.FileType.File
-    except OSError as exc:
-        raise explain(exc, loc.uri) from None
+    return retrying(loc, lambda: loc.fs.get_file_info(loc.path)).type == pafs.FileType.File
 
 
 def check_writable(loc: Location) -> None:
@@ -113,12 +126,40 @@ def check_writable(loc: Location) -> None:
             raise explain(exc, loc.uri) from None
         return
     bucket = loc.path.split("/", 1)[0]
-    try:
-        info = loc.fs.get_file_info(bucket)
-    except OSError as exc:
-        raise explain(exc, loc.uri) from None
+    info = retrying(loc, lambda: loc.fs.get_file_info(bucket))
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"{loc.uri}: bucket '{bucket}' does not exist; create it or fix the URI")
+
+
+def retrying(loc: Location, call: Callable[[], T]) -> T:
+    """`call()`, retried with backoff and a log line while it fails with a transient error, for up to
+    the location's `storage.retry_seconds`; any other error, or the budget spent, is one `StorageError`."""
+    budget = _RETRY_SECONDS.get(id(loc.fs), 0.0)
+    deadline, delay, attempt = time.monotonic() + budget, 0.5, 1
+    while True:
+        try:
+            return call()
+        except OSError as exc:  # FileNotFoundError included
+            if not TRANSIENT.search(str(exc)):
+                raise explain(exc, loc.uri) from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageUnavailable(
+                    f"{loc.uri}: cannot reach the storage endpoint ({_reason(exc)}), still failing after "
+                    f"{budget:.0f} s of retries; check that the store is up and AWS_ENDPOINT_URL / "
+                    "storage.endpoint_url, or allow longer outages with storage.retry_seconds"
+                ) from None
+            wait = min(delay, left)
+            log.warning("%s: transient storage error (%s); retry %d in %.1f s", loc.uri, _reason(exc), attempt, wait)
+            time.sleep(wait)
+            delay, attempt = min(delay * 2, 10.0), attempt + 1
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    found = re.search(r"Could not connect to server|Connection reset by peer|Recv failure[^;\n]*|HTTP status \d+", text)
+    found = found or TRANSIENT.search(text)
+    return found.group(0) if found else type(exc).__name__
 
 
 def explain(exc: BaseException, uri: str) -> StorageError:
@@ -150,14 +191,33 @@ def _region(cfg: StorageConfig) -> str:
 
 
 @lru_cache(maxsize=None)
-def _s3(endpoint: str | None, region: str, anonymous: bool) -> pafs.S3FileSystem:
-    kwargs: dict = {"region": region, "anonymous": anonymous}
+def _s3(endpoint: str | None, region: str, anonymous: bool, max_attempts: int = 5,
+        retry_seconds: float = 60.0) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region, "anonymous": anonymous,
+                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)}
     if endpoint:
         scheme, _, host = endpoint.rpartition("://")
         kwargs.update(endpoint_override=host or endpoint, scheme=scheme or "https")
         # S3-compatible stores (MinIO, Ceph, moto) serve path-style requests on one host.
         kwargs["force_virtual_addressing"] = False
-    return pafs.S3FileSystem(**kwargs)
+    fs = pafs.S3FileSystem(**kwargs)
+    _MADE[id(fs)] = (endpoint, region, anonymous, max_attempts, retry_seconds)
+    _RETRY_SECONDS[id(fs)] = retry_seconds
+    return fs
+
+
+# pyarrow pickles an S3FileSystem without its retry strategy, so the copy a Ray task gets would retry
+# three times only. One of ours pickles as the call that made it (cached: one object per process).
+_MADE: dict[int, tuple] = {}
+_RETRY_SECONDS: dict[int, float] = {}
+
+
+def _reduce_s3(fs: pafs.S3FileSystem):
+    made = _MADE.get(id(fs))
+    return (_s3, made) if made else fs.__reduce__()
+
+
+copyreg.pickle(pafs.S3FileSystem, _reduce_s3)
 
 
 @lru_cache(maxsize=None)

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from images import write_imagefolder
+from processes import ray_env, ray_head
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.timeout(240)
@@ -37,19 +32,8 @@ def test_embedded_by_default(tmp_path):
 def test_joins_a_cluster_given_by_address(tmp_path):
     """A real `ray start --head` in its own process; the job connects to it by --address."""
     write_imagefolder(tmp_path / "raw", {"a": 3, "b": 3})
-    port = _free_port()
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", f"--temp-dir={temp}", "--node-ip-address=127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True,
-    )
-    try:
-        _wait_for_port(port)
+    with ray_head(_env()) as port:
         proc = run_prepare(tmp_path / "raw", tmp_path / "out", "--address", f"127.0.0.1:{port}")
-    finally:
-        _stop(head)
-        shutil.rmtree(temp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(rf"connected to the Ray cluster at 127.0.0.1:{port} \(2 CPUs, 0 GPUs\)", proc.stderr)
     assert "inputs 6 = samples 6 + rejected 0" in proc.stdout
@@ -63,35 +47,5 @@ def test_missing_output_and_bad_bucket_are_one_line(tmp_path, s3_endpoint):
     assert proc.stderr.strip().splitlines()[-1] == "imgpipe: s3://no-such-bucket-zz/out: bucket 'no-such-bucket-zz' does not exist; create it or fix the URI"
 
 
-def _stop(head: subprocess.Popen) -> None:
-    """Stop only what this test started (never `ray stop`): SIGTERM to `ray start --block`
-    tears its cluster down; the process group is the fallback."""
-    head.terminate()
-    try:
-        head.wait(45)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(10)
-
-
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # A test head need not drain gracefully on SIGTERM (Ray 2.60 waits up to 30 s by default).
-    env.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"ray head did not open port {port}")
+    return ray_env(RAY_AUTH_MODE="disabled")

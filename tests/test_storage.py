@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
+import re
 import socket
+import struct
 import subprocess
 import sys
+import tarfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from images import upload_tree, write_imagefolder
 from pipeline import storage
 from pipeline.config import StorageConfig
+from processes import free_port, wait_for_port
+
+ROOT = Path(__file__).parent.parent
 
 
 def test_s3_round_trip_and_listing(s3, bucket):
@@ -63,14 +75,14 @@ def test_explicit_endpoint_from_config(s3_endpoint, s3, bucket):
 def test_refused_credentials_are_named_not_printed(tmp_path):
     """A second S3 server that checks credentials: a wrong key is refused, and the message
     points at the AWS chain without echoing the secret."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for_port(port)
+        wait_for_port(port, "moto server")
         script = (
             "import os\n"
             "os.environ.update(AWS_ACCESS_KEY_ID='AKIAWRONG', AWS_SECRET_ACCESS_KEY='s3cr3t-value')\n"
@@ -90,17 +102,121 @@ def test_refused_credentials_are_named_not_printed(tmp_path):
     assert "s3cr3t-value" not in out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class FlakyProxy:
+    """A TCP proxy on 127.0.0.1 in front of the S3 server. `down()` refuses new connections (the
+    listener closes) and resets the open ones; `up()` listens again on the same port."""
 
+    def __init__(self, target_port: int):
+        self.target = target_port
+        self.port = free_port()
+        self.open: set[socket.socket] = set()
+        self.resets = 0
+        self.lock = threading.Lock()
+        self.up()
 
-def _wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+    def up(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for sock in list(self.open):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+                sock.close()
+                self.resets += 1
+            self.open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
                 return
-        time.sleep(0.2)
-    raise RuntimeError(f"moto server did not start on port {port}")
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.open.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                for sock in (src, dst):
+                    if sock in self.open:
+                        self.open.discard(sock)
+                        sock.close()
+
+
+def _prepare_through(proxy: FlakyProxy, bucket: str, *settings: str) -> subprocess.Popen:
+    """`imgpipe prepare` of s3://bucket/raw on an embedded Ray, its S3 traffic through the proxy."""
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "TQDM_DISABLE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "jobs.prepare", "--set", f"prepare.source=s3://{bucket}/raw",
+           "--set", f"prepare.output=s3://{bucket}/out", "--set", "prepare.shard_max_samples=3",
+           "--set", "ray.num_cpus=2", "--set", "storage.max_attempts=2", *(f"--set={s}" for s in settings)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _when_first_shard_lands(s3, bucket: str, job: subprocess.Popen) -> None:
+    """Wait, looking at the server directly (not through the proxy), until the job has written a shard."""
+    deadline = time.time() + 120
+    def shards() -> list:
+        return [o for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", []) if o["Key"].endswith(".tar")]
+
+    while not shards():
+        assert job.poll() is None and time.time() < deadline, "the job ended before writing a shard"
+        time.sleep(0.1)
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="out/manifest.json")  # mid-run
+
+
+@pytest.mark.timeout(300)
+def test_a_store_failing_for_seconds_mid_job_loses_and_duplicates_nothing(s3, s3_endpoint, bucket, tmp_path):
+    write_imagefolder(tmp_path / "raw", {"a": 12, "b": 12}, size=(32, 32))
+    upload_tree(s3, bucket, tmp_path / "raw", "raw")
+    proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    job = _prepare_through(proxy, bucket)
+    _when_first_shard_lands(s3, bucket, job)
+    proxy.down()
+    time.sleep(4)
+    proxy.up()
+    out, err = job.communicate(timeout=240)
+    assert job.returncode == 0, err[-3000:]
+    assert "transient storage error (" in err and "; retry 1 in 0.5 s" in err  # retried, and said so
+    assert "inputs 24 = samples 24 + rejected 0" in out
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
+    keys = []
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            data = s3.get_object(Bucket=bucket, Key=f"out/{shard['path']}")["Body"].read()
+            assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                keys += [m.name.rsplit(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".cls")]
+    assert len(keys) == len(set(keys)) == 24
+
+
+@pytest.mark.timeout(300)
+def test_a_store_down_past_the_retry_budget_fails_in_one_line_and_claims_nothing(s3, s3_endpoint, bucket,
+                                                                                  tmp_path):
+    write_imagefolder(tmp_path / "raw", {"a": 12, "b": 12}, size=(32, 32))
+    upload_tree(s3, bucket, tmp_path / "raw", "raw")
+    proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    job = _prepare_through(proxy, bucket, "storage.retry_seconds=3")
+    _when_first_shard_lands(s3, bucket, job)
+    proxy.down()
+    try:
+        _, err = job.communicate(timeout=240)
+    finally:
+        proxy.up()
+    # Ray's own log lines (worker warnings) may follow; the job says what went wrong in one line.
+    (line,) = [line for line in err.splitlines() if line.startswith("imgpipe ")]
+    assert job.returncode == 1 and "Traceback" not in err
+    assert re.fullmatch(rf"imgpipe prepare: s3://{bucket}/\S+: cannot reach the storage endpoint \(.+\), still "
+                        r"failing after 3 s of retries; check that the store is up .+storage\.retry_seconds", line), line
+    names = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])]
+    assert "out/manifest.json" not in names and "out/classes.json" not in names

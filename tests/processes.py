@@ -1,0 +1,87 @@
+"""Servers that tests start in their own processes: free ports, waiting for a listener, and a real
+`ray start --head` that is stopped by its PID (never `ray stop`, which kills every Ray on the machine)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+RAY = str(Path(sys.executable).parent / "ray")
+SIDE_PORTS = ("ray-client-server", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
+              "metrics-export")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, what: str, timeout: float = 60.0) -> None:
+    """Block until something accepts connections on 127.0.0.1:`port`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not open port {port} within {timeout:.0f} s")
+
+
+def ray_env(**extra: str) -> dict[str, str]:
+    """The test's environment for a Ray head or client: loopback only, no inherited cluster address,
+    the venv's interpreter first on PATH (a submitted job's `python` is the head's)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_API_SERVER_ADDRESS")}
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        # A test head need not drain gracefully on SIGTERM (Ray 2.60 waits up to 30 s by default).
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], num_cpus: int = 2, dashboard_port: int | None = None) -> Iterator[int]:
+    """`ray start --head --block` on 127.0.0.1 (with the dashboard and Jobs API on `dashboard_port`,
+    else none); yields the GCS port and stops the head by its PID."""
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    dashboard = [f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1"] if dashboard_port else [
+        "--include-dashboard=false"]
+    # Fixed default ports (the dashboard agent's 52365, the client server's 10001) collide with any
+    # other Ray on the machine, and a head whose agent cannot bind never accepts a job.
+    ports = [f"--{name}-port={free_port()}" for name in SIDE_PORTS]
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
+         "--node-ip-address=127.0.0.1", *dashboard, *ports],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    try:
+        wait_for_port(dashboard_port or port, "ray head")
+        yield port
+    finally:
+        stop(head)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop only what a test started: SIGTERM to `ray start --block` tears its cluster down; the
+    process group is the fallback."""
+    proc.terminate()
+    try:
+        proc.wait(45)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
