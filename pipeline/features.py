@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,7 +24,7 @@ from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors
 from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig
 from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
 from pipeline.placement import ActorPlan
-from pipeline.preprocessing import DeviceNormalizer
+from pipeline.preprocessing import DeviceNormalizer, readonly_tensor
 from pipeline.sources import ImageSource, Unit, open_images
 
 log = logging.getLogger("imgpipe")
@@ -88,11 +87,11 @@ class Embedder:
         """(N, H, W, 3) uint8 -> (N, dim) embeddings on the model's device (fp32 on CPU, the
         precision's float on GPU)."""
         if self.staging is None:
-            return self.model(self.normalize(_readonly_tensor(pixels))).float()
+            return self.model(self.normalize(readonly_tensor(pixels))).float()
         chunks = []
         for start in range(0, len(pixels), self.batch_size):
             part = pixels[start : start + self.batch_size]
-            self.staging[: len(part)].copy_(_readonly_tensor(part))
+            self.staging[: len(part)].copy_(readonly_tensor(part))
             x = self.normalize(self.staging.to(self.device, non_blocking=True))  # the whole fixed-size batch
             with torch.autocast("cuda", dtype=self.autocast, enabled=self.autocast is not None):
                 chunks.append(self.model(x)[: len(part)])
@@ -105,13 +104,6 @@ class Embedder:
         if emb is not None:
             full[good] = emb.to(torch.float16 if self.dtype == np.float16 else torch.float32).cpu().numpy()
         return {schema.EMBEDDING: full}
-
-
-def _readonly_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """A tensor view of a batch that is only read (Ray hands out read-only arrays; no copy)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "not writable": it is never written
-        return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 def model_actor_plan(model_cfg: ModelConfig, requested: int | None, rows: int, batch_size: int) -> ActorPlan:

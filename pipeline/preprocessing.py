@@ -3,6 +3,7 @@ where uint8 pixels become normalised float tensors: on the model's device, not i
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -45,6 +46,14 @@ class Preprocessing:
         )
 
 
+def readonly_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor view of an array that is only read (Ray hands batches out read-only): no copy,
+    and no "not writable" warning for a tensor that is never written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
 class DeviceNormalizer:
     """uint8 NHWC on a device -> normalised float NCHW there; mean and std live on the device,
     built once (two small host-to-device copies per call would synchronise the stream)."""
@@ -67,7 +76,7 @@ def to_model_input(
     The uint8 batch crosses to the device (4x fewer bytes than float, pinned for an async copy
     on GPU) and is converted there. Permuting NHWC gives channels-last NCHW without a copy.
     """
-    batch = torch.from_numpy(np.ascontiguousarray(pixels)) if isinstance(pixels, np.ndarray) else pixels
+    batch = readonly_tensor(pixels) if isinstance(pixels, np.ndarray) else pixels
     if device.type == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)
     return DeviceNormalizer(prep, device, channels_last)(batch)

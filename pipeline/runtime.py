@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
 
@@ -29,16 +30,27 @@ def connect(cfg: RayConfig) -> str:
         # A submitted job's runtime env already reaches every worker; Ray refuses a ray.init
         # runtime env that names the same variables again.
         submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        env = {} if submitted else {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        ray.init(address=address, runtime_env=None if submitted else client_runtime_env(), log_to_driver=True)
         log.info("connected to the Ray cluster at %s (%s CPUs, %s GPUs)", address, *_capacity())
         return f"cluster {address}"
     num_cpus = cfg.num_cpus or embedded_cpus()
     memory = cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None
     # address="local": never join a stale cluster that a killed head left in Ray's temp folder.
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=memory, include_dashboard=False)
-    log.info("started an embedded local Ray (%d logical CPUs); pass --address or set RAY_ADDRESS to use a cluster", num_cpus)
+    log.info(
+        "started an embedded local Ray (%d logical CPUs); pass --address or set RAY_ADDRESS to use a cluster", num_cpus
+    )
     return "embedded"
+
+
+def client_runtime_env() -> dict:
+    """What a driver joining a cluster by address sends along: the store's endpoint variables,
+    and this checkout's `pipeline` package, so that workers unpickle tasks with the code the
+    driver runs (a node with imgpipe not installed, or another version of it, would fail with
+    ModuleNotFoundError or worse). A submitted job has both already (its working_dir)."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    package = str(Path(__file__).resolve().parent)
+    return {"py_modules": [package], "excludes": ["__pycache__", "*.pyc"], **({"env_vars": env} if env else {})}
 
 
 def embedded_cpus() -> int:

@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline import devices, loader, report, schema, transfer
 from pipeline.config import FinetuneConfig, LoaderConfig
-from pipeline.preprocessing import DeviceNormalizer, Preprocessing
+from pipeline.preprocessing import DeviceNormalizer, Preprocessing, readonly_tensor
 
 log = logging.getLogger("imgpipe")
 
@@ -272,8 +272,8 @@ class FinetuneRunner:
 
     def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 pixels to the device (pinned, async on GPU), normalised there; labels as int64."""
-        pixels = torch.from_numpy(np.ascontiguousarray(batch[schema.PIXELS]))
-        labels = torch.from_numpy(np.asarray(batch[schema.LABEL], dtype=np.int64))
+        pixels = readonly_tensor(batch[schema.PIXELS])
+        labels = readonly_tensor(np.asarray(batch[schema.LABEL], dtype=np.int64))
         if self.device.type == "cuda":
             pixels, labels = pixels.pin_memory(), labels.pin_memory()
         return self.normalize(pixels.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)

@@ -17,7 +17,16 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def run_prepare(src: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "jobs.prepare", "--set", f"prepare.source={src}", "--set", f"prepare.output={out}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.prepare",
+        "--set",
+        f"prepare.source={src}",
+        "--set",
+        f"prepare.output={out}",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=180, env=env or _env())
 
 
@@ -34,17 +43,38 @@ def test_joins_a_cluster_given_by_address(tmp_path):
     write_imagefolder(tmp_path / "raw", {"a": 3, "b": 3})
     with ray_head(_env()) as port:
         proc = run_prepare(tmp_path / "raw", tmp_path / "out", "--address", f"127.0.0.1:{port}")
+        # The workers import the driver's checkout of `pipeline`, shipped with the job, not
+        # whatever the nodes have installed.
+        probe = (
+            "import ray; from pipeline import runtime; from pipeline.config import RayConfig; "
+            f"runtime.connect(RayConfig(address='127.0.0.1:{port}')); "
+            "print(ray.get(ray.remote(lambda: __import__('pipeline').__file__).remote()))"
+        )
+        where = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120, env=_env()
+        )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert where.returncode == 0 and "runtime_resources" in where.stdout and str(ROOT) not in where.stdout, (
+        where.stderr[-2000:]
+    )
     assert re.search(rf"connected to the Ray cluster at 127.0.0.1:{port} \(2 CPUs, 0 GPUs\)", proc.stderr)
     assert "inputs 6 = samples 6 + rejected 0" in proc.stdout
 
 
 def test_missing_output_and_bad_bucket_are_one_line(tmp_path, s3_endpoint):
-    proc = subprocess.run([sys.executable, "-m", "jobs.prepare"], capture_output=True, text=True, cwd=ROOT, timeout=60, env=_env())
-    assert proc.returncode != 0 and proc.stderr.strip() == "imgpipe: no output given; set prepare.output (a local path or s3:// / gs:// URI)"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.prepare"], capture_output=True, text=True, cwd=ROOT, timeout=60, env=_env()
+    )
+    assert (
+        proc.returncode != 0
+        and proc.stderr.strip() == "imgpipe: no output given; set prepare.output (a local path or s3:// / gs:// URI)"
+    )
     proc = run_prepare(tmp_path, "s3://no-such-bucket-zz/out", env=_env())
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == "imgpipe: s3://no-such-bucket-zz/out: bucket 'no-such-bucket-zz' does not exist; create it or fix the URI"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "imgpipe: s3://no-such-bucket-zz/out: bucket 'no-such-bucket-zz' does not exist; create it or fix the URI"
+    )
 
 
 def _env() -> dict:
