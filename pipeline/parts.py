@@ -56,10 +56,20 @@ class PartSink:
     """Driver side: buffers rows by unit; when a unit's rows are all in, writes its part once.
 
     `make_table(good_rows)` builds the part's Arrow table; `metadata` goes into every part,
-    with the unit, its input count and its rejects (key, source, reason) added.
+    with the unit, its input count and its rejects (key, source, reason) added. Parts are encoded
+    and uploaded on `writers` threads, off the loop that drains the stream (on one thread, the
+    Parquet encode and a synchronous upload per part would cap a multi-GPU job); `close` waits.
     """
 
-    def __init__(self, out: storage.Location, units: Sequence[Unit], make_table: Callable[[Batch], pa.Table], metadata: dict[str, str]):
+    writers = 4
+
+    def __init__(
+        self,
+        out: storage.Location,
+        units: Sequence[Unit],
+        make_table: Callable[[Batch], pa.Table],
+        metadata: dict[str, str],
+    ):
         self.out = out
         self.units = {u.name: u for u in units}
         self.make_table = make_table
@@ -68,6 +78,8 @@ class PartSink:
         self.keys: dict[str, set[str]] = defaultdict(set)  # of the units still buffering
         self.written: dict[str, np.ndarray] = {}  # unit -> sorted hashes of its keys (8 bytes a row)
         self.extra: dict[str, int] = defaultdict(int)
+        self.pool = ThreadPoolExecutor(self.writers, thread_name_prefix="part-writer")
+        self.pending: list = []
 
     def add(self, batch: Batch) -> None:
         """Take a batch from the stream (rows of any units, in any order)."""
@@ -79,7 +91,9 @@ class PartSink:
                 # the unit holds more than its count, which `close` reports.
                 new = ~np.isin(_key_hashes(rows[schema.KEY]), self.written[name])
                 if (~new).any():
-                    log.warning("ignored %d repeated rows of %s, whose part is already written", int((~new).sum()), name)
+                    log.warning(
+                        "ignored %d repeated rows of %s, whose part is already written", int((~new).sum()), name
+                    )
                 self.extra[name] += int(new.sum())
                 continue
             if name not in self.units:
@@ -101,9 +115,16 @@ class PartSink:
         return rows if fresh.all() else _take(rows, fresh)
 
     def write(self, unit: Unit) -> None:
-        """Write one unit's part (Parquet, atomic) with its rejects in the file metadata."""
+        """Hand one unit's rows to a writer thread; at most 2 x `writers` parts wait in memory."""
         rows = _concat(self.buffers.pop(unit.name))
         self.keys.pop(unit.name, None)
+        self.written[unit.name] = np.sort(_key_hashes(rows[schema.KEY]))
+        while len(self.pending) >= 2 * self.writers:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(self._write_part, unit, rows))
+
+    def _write_part(self, unit: Unit, rows: Batch) -> None:
+        """Write one unit's part (Parquet, atomic) with its rejects in the file metadata."""
         # Rows arrive in whatever order the actors finish; sorted by key, a part's bytes depend
         # only on its inputs, and whatever reads the parts (head training) sees a fixed order.
         rows = _take(rows, np.argsort(np.asarray(rows[schema.KEY]).astype(str), kind="stable"))
@@ -114,23 +135,46 @@ class PartSink:
             for k, s, e in zip(rows[schema.KEY][~good], rows[schema.SOURCE][~good], errors[~good])
         ]
         table = self.make_table(_take(rows, good))
-        meta = {**self.metadata, "unit": unit.name, "split": unit.split, "inputs": str(unit.count), "unit_digest": unit.digest, "rejects": json.dumps(rejects)}
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{f"{META}{k}": v for k, v in meta.items()}})
+        meta = {
+            **self.metadata,
+            "unit": unit.name,
+            "split": unit.split,
+            "inputs": str(unit.count),
+            "unit_digest": unit.digest,
+            "rejects": json.dumps(rejects),
+        }
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), **{f"{META}{k}": v for k, v in meta.items()}}
+        )
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         storage.write_bytes(self.out.join(part_path(unit)), sink.getvalue().to_pybytes())
-        self.written[unit.name] = np.sort(_key_hashes(rows[schema.KEY]))
-        log.info("wrote %s: %d rows, %d rejected (%d/%d parts this run)", part_path(unit), table.num_rows, len(rejects), len(self.written), len(self.units))
+        log.info(
+            "wrote %s: %d rows, %d rejected (%d/%d parts this run)",
+            part_path(unit),
+            table.num_rows,
+            len(rejects),
+            len(self.written),
+            len(self.units),
+        )
 
     def close(self) -> None:
-        """After the stream: every unit must have been written, and nothing else seen."""
+        """After the stream: every part written (a failed write raises here), every unit seen
+        whole, and nothing else seen."""
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
         short = {n: len(self.keys[n]) for n in self.units if n not in self.written}
         self.extra = {n: c for n, c in self.extra.items() if c}
         if short or self.extra:
             raise ValueError(
                 "the input did not match its manifest: "
-                + "; ".join([f"{n}: {got} of {self.units[n].count} samples" for n, got in short.items()]
-                            + [f"{n}: {c} rows beyond its count" for n, c in self.extra.items()])
+                + "; ".join(
+                    [f"{n}: {got} of {self.units[n].count} samples" for n, got in short.items()]
+                    + [f"{n}: {c} rows beyond its count" for n, c in self.extra.items()]
+                )
             )
 
 
@@ -171,12 +215,22 @@ def read_part_info(loc: storage.Location) -> PartInfo:
             footer = pq.read_metadata(f)
     except OSError as exc:
         raise storage.explain(exc, loc.uri) from None
-    meta = {k.decode()[len(META):]: v.decode() for k, v in (footer.metadata or {}).items() if k.startswith(META.encode())}
-    return PartInfo(loc.uri, meta.get("split", ""), footer.num_rows, int(meta.get("inputs", footer.num_rows)), json.loads(meta.get("rejects", "[]")), meta)
+    meta = {
+        k.decode()[len(META) :]: v.decode() for k, v in (footer.metadata or {}).items() if k.startswith(META.encode())
+    }
+    return PartInfo(
+        loc.uri,
+        meta.get("split", ""),
+        footer.num_rows,
+        int(meta.get("inputs", footer.num_rows)),
+        json.loads(meta.get("rejects", "[]")),
+        meta,
+    )
 
 
 def read_parts(out: storage.Location, paths: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
     """Concatenate parts (relative paths under `out`), reading only `columns`, in parallel."""
+
     def read(path: str) -> pa.Table:
         loc = out.join(path)
         try:
@@ -196,12 +250,20 @@ def verify_parts(out: storage.Location, units: Sequence[Unit]) -> dict:
     with ThreadPoolExecutor(max_workers=16) as pool:
         infos = list(pool.map(lambda p: read_part_info(out.join(p)), paths))
     for unit, info in zip(units, infos):
-        if info.rows + len(info.rejects) != unit.count or info.metadata.get("unit") != unit.name or info.metadata.get("unit_digest", "") != unit.digest:
-            raise ValueError(f"{info.path}: holds {info.rows} rows + {len(info.rejects)} rejects of unit {info.metadata.get('unit')}, expected {unit.count} of {unit.name} ({unit.digest or 'no digest'}, it has {info.metadata.get('unit_digest') or 'none'}); delete it and rerun")
+        if (
+            info.rows + len(info.rejects) != unit.count
+            or info.metadata.get("unit") != unit.name
+            or info.metadata.get("unit_digest", "") != unit.digest
+        ):
+            raise ValueError(
+                f"{info.path}: holds {info.rows} rows + {len(info.rejects)} rejects of unit {info.metadata.get('unit')}, expected {unit.count} of {unit.name} ({unit.digest or 'no digest'}, it has {info.metadata.get('unit_digest') or 'none'}); delete it and rerun"
+            )
     keys = read_parts(out, paths, [schema.KEY]).column(schema.KEY) if paths else pa.array([], pa.string())
     unique = len(pc.unique(keys)) if len(keys) else 0
     if unique != len(keys):
-        raise ValueError(f"{out.uri}: {len(keys) - unique} keys appear in more than one row; the input has duplicate keys")
+        raise ValueError(
+            f"{out.uri}: {len(keys) - unique} keys appear in more than one row; the input has duplicate keys"
+        )
     by_split: dict[str, dict[str, int]] = defaultdict(lambda: {"rows": 0, "rejected": 0, "parts": 0})
     for unit, info in zip(units, infos):
         counts = by_split[unit.split]
@@ -210,10 +272,19 @@ def verify_parts(out: storage.Location, units: Sequence[Unit]) -> dict:
         counts["parts"] += 1
     rejects = sorted((r for i in infos for r in i.rejects), key=lambda r: r["source"])
     rows = sum(i.rows for i in infos)
-    return {"inputs": sum(u.count for u in units), "rows": rows, "rejected": len(rejects), "splits": dict(by_split), "parts": paths, "rejects": rejects}
+    return {
+        "inputs": sum(u.count for u in units),
+        "rows": rows,
+        "rejected": len(rejects),
+        "splits": dict(by_split),
+        "parts": paths,
+        "rejects": rejects,
+    }
 
 
-def write_run_file(out: storage.Location, name: str, identity: dict, result: dict | None, units: Sequence[Unit] = ()) -> None:
+def write_run_file(
+    out: storage.Location, name: str, identity: dict, result: dict | None, units: Sequence[Unit] = ()
+) -> None:
     """The run's identity (what made these parts), the units it holds, and, once verified, its counts."""
     body = {"identity": identity, "units": {u.name: u.describe() for u in units}, "complete": result is not None}
     if result is not None:
@@ -221,7 +292,14 @@ def write_run_file(out: storage.Location, name: str, identity: dict, result: dic
     storage.write_bytes(out.join(name), json.dumps(body, indent=1).encode())
 
 
-def plan_run(out: storage.Location, name: str, identity: dict, units: Sequence[Unit], known: Sequence[Unit], overwrite: bool = False) -> tuple[list[Unit], list[Unit]]:
+def plan_run(
+    out: storage.Location,
+    name: str,
+    identity: dict,
+    units: Sequence[Unit],
+    known: Sequence[Unit],
+    overwrite: bool = False,
+) -> tuple[list[Unit], list[Unit]]:
     """(every unit the output will hold, the units still to write), for a run over `units`,
     selected from the source's `known` units.
 
@@ -242,7 +320,9 @@ def plan_run(out: storage.Location, name: str, identity: dict, units: Sequence[U
     return every, [u for u in units if out.join(part_path(u)).path not in present]
 
 
-def _previous_units(out: storage.Location, name: str, identity: dict, known: Sequence[Unit], overwrite: bool) -> dict[str, dict]:
+def _previous_units(
+    out: storage.Location, name: str, identity: dict, known: Sequence[Unit], overwrite: bool
+) -> dict[str, dict]:
     """The units an earlier run of this same job recorded; {} when there is none (or it was deleted)."""
     loc = out.join(name)
     if storage.exists(loc):
@@ -255,7 +335,9 @@ def _previous_units(out: storage.Location, name: str, identity: dict, known: Seq
         now = {u.name: u.describe() for u in known}
         changed = sorted(n for n, d in previous.get("units", {}).items() if now.get(n) != d)
         if changed:
-            differs.append(f"the content of {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} (was the input changed or prepared again?)")
+            differs.append(
+                f"the content of {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} (was the input changed or prepared again?)"
+            )
         if not differs:
             return previous.get("units", {})
     else:
@@ -264,8 +346,10 @@ def _previous_units(out: storage.Location, name: str, identity: dict, known: Seq
             return {}
         differs = [f"{len(present)} parts there have no {name}"]
     if not overwrite:
-        raise ValueError(f"{out.uri} already holds the output of another run (it differs in {'; '.join(differs)}); "
-                         "choose a new output, delete the old one, or set overwrite=true")
+        raise ValueError(
+            f"{out.uri} already holds the output of another run (it differs in {'; '.join(differs)}); "
+            "choose a new output, delete the old one, or set overwrite=true"
+        )
     log.warning("%s holds the output of another run (it differs in %s): deleting it", out.uri, "; ".join(differs))
     for path in _part_files(out):
         out.fs.delete_file(path)
@@ -279,7 +363,11 @@ def _part_files(out: storage.Location) -> list[str]:
         infos = out.fs.get_file_info(pafs.FileSelector(out.path, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise storage.explain(exc, out.uri) from None
-    return [i.path for i in infos if i.type == pafs.FileType.File and PART_NAME.fullmatch(i.path[len(out.path):].lstrip("/"))]
+    return [
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File and PART_NAME.fullmatch(i.path[len(out.path) :].lstrip("/"))
+    ]
 
 
 def write_errors(out: storage.Location, rejects: list[dict]) -> None:

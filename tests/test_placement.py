@@ -106,3 +106,17 @@ def test_a_cpu_actor_on_a_node_with_visible_gpus_never_touches_cuda(monkeypatch)
     assert out[schema.EMBEDDING].shape == (2, 256) and out[schema.EMBEDDING].dtype == np.float16
     assert not out[schema.EMBEDDING][1].any()  # the rejected row: zeros
     assert actor.device.type == "cpu" and not torch.cuda.is_initialized()
+
+
+def test_a_run_computed_in_another_precision_is_another_run(tmp_path):
+    from pipeline import parts, storage
+    from pipeline.sources import Unit
+
+    out = storage.resolve(str(tmp_path / "feats"))
+    unit = Unit("train-000000", "train", 3, (), digest="sha256:aa")
+    gpu = plan_model_actors([node("gpu", 8, gpus=1, accelerator="A100")])
+    cpu = plan_model_actors([node("cpu", 8)])
+    parts.write_run_file(out, "features.json", {"dim": "4", "compute": gpu.compute}, None, [unit])
+    with pytest.raises(ValueError, match=r"differs in compute"):
+        parts.plan_run(out, "features.json", {"dim": "4", "compute": cpu.compute}, [unit], [unit])
+    assert parts.plan_run(out, "features.json", {"dim": "4", "compute": gpu.compute}, [unit], [unit])[1] == [unit]
