@@ -187,9 +187,11 @@ class TrainInput:
             return ds.map_batches(
                 augment_batch,
                 fn_kwargs={"transform": transform, "epoch": epoch, "errors": self.errors},
-                batch_size=ACTOR_BATCH,
+                # Whole blocks (a shard) and the read's own resources (one CPU): Ray Data then
+                # fuses read and augment into one task per shard, so no raw bytes cross the object
+                # store and a task starts once per shard, not once per 32 rows.
+                batch_size=None,
                 batch_format="numpy",
-                num_cpus=self.loader.actor_cpus,
                 **placement,
             )
         size = actor_count(self.loader, nodes, self.held_cpus if not self.loader.cpu_only_nodes else 0.0)
