@@ -69,7 +69,8 @@ def ray_head(env: dict[str, str], num_cpus: int = 2, dashboard_port: int | None 
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )
     try:
-        wait_for_port(dashboard_port or port, "ray head", timeout=120.0)  # a loaded 2-core machine: 60 s was seen to miss
+        # 120 s: on a loaded 2-core machine a head's dashboard was seen to take over 60.
+        wait_for_port(dashboard_port or port, "ray head", timeout=120.0)
         yield port
     finally:
         stop(head)

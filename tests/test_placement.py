@@ -40,6 +40,12 @@ def test_cpu_plan_leaves_cpus_to_decoding_and_never_outnumbers_the_batches():
     assert plan_model_actors([node("big", 64), node("dead", 64, alive=False)]).size == 48
 
 
+def test_a_cpu_actor_never_asks_for_more_cpus_than_one_node_has():
+    nodes = [node("head", 2), node("w1", 2), node("w2", 2)]
+    plan = plan_model_actors(nodes, requested=2)  # 5 free CPUs over 2 actors would be 2.5 each
+    assert plan.size == 2 and plan.num_cpus == 2
+
+
 def test_an_8_gpu_node_gets_an_autoscaling_pool_of_gpu_actors():
     nodes = [node("gpu", 64, gpus=8, accelerator="H100")]
     plan = plan_model_actors(nodes)
