@@ -25,8 +25,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 # Fast failure detection (RAY-NOTES): a node that stops answering is dead after ~1.5 s, not 30 s.
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_timeout_ms": 500}
-CLASSES = {"a": 110, "b": 110, "c": 100}  # 320 images
-SHARD = 27  # 14 shards over train/val/test
+CLASSES = {"a": 74, "b": 73, "c": 73}  # 220 images
+SHARD = 18  # 14 shards over train/val/test
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def _kill_when_a_part_lands(cluster, node, output: Path, job: subprocess.Popen, 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> tuple[Path, dict]:
-    """320 small JPEGs in 14 shards on local disk (every node sees it), prepared in this process:
+    """220 small JPEGs in 14 shards on local disk (every node sees it), prepared in this process:
     the cluster is for the job under test."""
     root = tmp_path_factory.mktemp("faults")
     write_imagefolder(root / "raw", CLASSES, size=(32, 32))
@@ -94,22 +94,20 @@ def _keys_of(output: Path) -> tuple[list[str], list[str]]:
     return parts, keys
 
 
-def test_features_loses_a_worker_node_mid_job_and_writes_every_input_once(cluster, prepared):
+@pytest.mark.parametrize(("name", "verb", "run_file"), [("features", "embedded", "features.json"),
+                                                      ("classify", "classified", "predictions.json")])
+def test_a_job_loses_a_worker_node_mid_job_and_writes_every_input_once(cluster, prepared, name, verb, run_file):
     made, workers = cluster
+    while len(workers) < 2:  # an earlier test took one away: the cluster is back to two workers
+        workers.append(made.add_node(num_cpus=2))
+    made.wait_for_nodes()
     root, manifest = prepared
-    output = root / "feats"
-    job = _job(
-        made.address,
-        "features",
-        f"features.source={root / 'prepared'}",
-        f"features.output={output}",
-        "features.batch_size=8",
-        "features.decode_batch=8",
-        "features.actors=2",
-        "features.dtype=float32",
-    )
+    output = root / name
+    settings = [f"source={root / 'prepared'}", f"output={output}", "batch_size=8", "decode_batch=8", "actors=2"]
+    job = _job(made.address, name, *(f"{name}.{s}" for s in settings))
     seen: dict = {}
-    killer = threading.Thread(target=_kill_when_a_part_lands, args=(made, workers[0], output, job, seen))
+    victim = workers.pop(0)
+    killer = threading.Thread(target=_kill_when_a_part_lands, args=(made, victim, output, job, seen))
     killer.start()
     out, _ = _finish(job, 180)
     killer.join(10)
@@ -118,11 +116,11 @@ def test_features_loses_a_worker_node_mid_job_and_writes_every_input_once(cluste
     assert seen["running"] and "removed_at" in seen, "the job ended before the node could be taken away"
     assert seen["parts_before"] < len(shards)  # the node went while parts were still to come
     n = manifest["samples"]
-    assert f"inputs {n} = embedded {n} + rejected 0; {len(shards)} parts written this run" in out
+    assert f"inputs {n} = {verb} {n} + rejected 0; {len(shards)} parts written this run" in out
     parts, keys = _keys_of(output)
     assert parts == sorted(f"{p.split('-')[0]}/part-{p.split('-')[1].removesuffix('.tar')}.parquet" for p in shards)
     assert len(keys) == len(set(keys)) == n
-    run = json.loads((output / "features.json").read_text())
+    run = json.loads((output / run_file).read_text())
     assert run["complete"] is True and (run["inputs"], run["rows"], run["rejected"]) == (n, n, 0)
     # The job ran on, after the loss, on what was left of the cluster.
     assert len([x for x in made.list_all_nodes() if x is not made.head_node]) == 1
