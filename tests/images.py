@@ -71,6 +71,33 @@ def upload_tree(s3, bucket: str, root: Path, prefix: str) -> int:
     return n
 
 
+def prepare_without_ray(source: str, output: str, shard_max_samples: int) -> dict:
+    """`imgpipe prepare` of an ImageFolder (local or s3://) with its own shard writer, in this process and
+    without Ray, for tests whose Ray is busy elsewhere; returns the manifest."""
+    import json
+
+    from pipeline import storage
+    from pipeline.config import PrepareConfig
+    from pipeline.layouts import discover
+    from pipeline.prepare import assign_splits
+    from pipeline.shards import build_manifest, plan_shards, write_shard
+
+    cfg = PrepareConfig(source=source, output=output, shard_max_samples=shard_max_samples)
+    src, out = storage.resolve(source), storage.resolve(output)
+    found = discover(src, "imagefolder", cfg.extensions, cfg.label_pattern, None)
+    splits = assign_splits(found.inputs, cfg.split, cfg.seed, False)
+    plans = [p for split, items in splits.items()
+             for p in plan_shards(split, items, shard_max_samples, 2**30, found.classes)]
+    results = [write_shard(p, src.fs, out, found.classes, cfg.max_pixels, None) for p in plans]
+    rejected = sum(len(r["rejects"]) for r in results)
+    manifest = build_manifest(source=src.uri, layout=found.layout, seed=cfg.seed, ratios=cfg.split,
+                              classes=found.classes, results=results, inputs=len(found.inputs), rejected=rejected,
+                              ignored=[])
+    storage.write_bytes(out.join("classes.json"), json.dumps({"classes": found.classes}).encode())
+    storage.write_bytes(out.join("manifest.json"), json.dumps(manifest).encode())
+    return manifest
+
+
 def gradient_array(width: int, height: int, seed: int = 0) -> np.ndarray:
     """Smooth (H, W, 3) uint8 content, so resampling differences stay small and comparable."""
     rng = np.random.default_rng(seed)

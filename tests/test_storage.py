@@ -16,9 +16,10 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
-from images import upload_tree, write_imagefolder
+from images import prepare_without_ray, upload_tree, write_imagefolder
 from pipeline import storage
 from pipeline.config import StorageConfig
 from processes import free_port, wait_for_port
@@ -153,26 +154,72 @@ class FlakyProxy:
                         sock.close()
 
 
-def _prepare_through(proxy: FlakyProxy, bucket: str, *settings: str) -> subprocess.Popen:
-    """`imgpipe prepare` of s3://bucket/raw on an embedded Ray, its S3 traffic through the proxy."""
+def _job_through(proxy: FlakyProxy, job: str, *settings: str) -> subprocess.Popen:
+    """`imgpipe <job> --set ...` on an embedded Ray, its S3 traffic through the proxy."""
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "TQDM_DISABLE": "1"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jobs.prepare", "--set", f"prepare.source=s3://{bucket}/raw",
-           "--set", f"prepare.output=s3://{bucket}/out", "--set", "prepare.shard_max_samples=3",
-           "--set", "ray.num_cpus=2", "--set", "storage.max_attempts=2", *(f"--set={s}" for s in settings)]
+    cmd = [sys.executable, "-m", f"jobs.{job}", "--set=storage.max_attempts=2", *(f"--set={s}" for s in settings)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _when_first_shard_lands(s3, bucket: str, job: subprocess.Popen) -> None:
-    """Wait, looking at the server directly (not through the proxy), until the job has written a shard."""
+def _prepare_through(proxy: FlakyProxy, bucket: str, *settings: str) -> subprocess.Popen:
+    """`imgpipe prepare` of s3://bucket/raw into s3://bucket/out, through the proxy."""
+    return _job_through(proxy, "prepare", f"prepare.source=s3://{bucket}/raw", f"prepare.output=s3://{bucket}/out",
+                        "prepare.shard_max_samples=3", "ray.num_cpus=2", *settings)
+
+
+def _when_first_shard_lands(s3, bucket: str, job: subprocess.Popen, suffix: str = ".tar",
+                            unfinished: str = "out/manifest.json") -> None:
+    """Wait, looking at the server directly (not through the proxy), until the job has written a shard
+    (or a part: `suffix`) under out/, while the file that marks a finished run (`unfinished`) is not there."""
     deadline = time.time() + 120
     def shards() -> list:
-        return [o for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", []) if o["Key"].endswith(".tar")]
+        listing = s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])
+        return [o for o in listing if o["Key"].endswith(suffix)]
 
     while not shards():
         assert job.poll() is None and time.time() < deadline, "the job ended before writing a shard"
         time.sleep(0.1)
-    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="out/manifest.json")  # mid-run
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=unfinished)  # mid-run
+
+
+def _fails_in_one_line_while_down(proxy: FlakyProxy, job: subprocess.Popen, name: str, bucket: str) -> None:
+    """Take the store away until the job ends: it must fail in one line that names the URI and the budget."""
+    proxy.down()
+    try:
+        _, err = job.communicate(timeout=240)
+    finally:
+        proxy.up()
+    # Ray's own log lines (worker warnings) may follow; the job says what went wrong in one line.
+    (line,) = [line for line in err.splitlines() if line.startswith("imgpipe ")]
+    assert job.returncode == 1 and "Traceback" not in err
+    assert re.fullmatch(rf"imgpipe {name}: s3://{bucket}/\S+: cannot reach the storage endpoint \(.+\), still "
+                        r"failing after 3 s of retries; check that the store is up .+storage\.retry_seconds",
+                        line), line
+
+
+def _completes_through_an_outage(proxy: FlakyProxy, job: subprocess.Popen, seconds: float) -> str:
+    """Take the store away until the job has met the outage (a retry logged), then `seconds` more, then bring it
+    back: the job must retry, say so, and succeed; returns its stdout."""
+    lines: dict[str, list[str]] = {"out": [], "err": []}
+    readers = [threading.Thread(target=lambda pipe=pipe, got=got: got.extend(pipe), daemon=True)
+               for pipe, got in ((job.stdout, lines["out"]), (job.stderr, lines["err"]))]
+    for reader in readers:
+        reader.start()
+    proxy.down()
+    deadline = time.time() + 60
+    while not any("transient storage error (" in line for line in lines["err"]) and job.poll() is None:
+        assert time.time() < deadline, "the job never met the outage"
+        time.sleep(0.1)
+    time.sleep(seconds)
+    proxy.up()
+    job.wait(240)
+    for reader in readers:
+        reader.join(10)
+    err = "".join(lines["err"])
+    assert job.returncode == 0, err[-3000:]
+    assert "transient storage error (" in err and "; retry 1 in 0.5 s" in err  # retried, and said so
+    return "".join(lines["out"])
 
 
 @pytest.mark.timeout(300)
@@ -182,12 +229,7 @@ def test_a_store_failing_for_seconds_mid_job_loses_and_duplicates_nothing(s3, s3
     proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     job = _prepare_through(proxy, bucket)
     _when_first_shard_lands(s3, bucket, job)
-    proxy.down()
-    time.sleep(4)
-    proxy.up()
-    out, err = job.communicate(timeout=240)
-    assert job.returncode == 0, err[-3000:]
-    assert "transient storage error (" in err and "; retry 1 in 0.5 s" in err  # retried, and said so
+    out = _completes_through_an_outage(proxy, job, 3)
     assert "inputs 24 = samples 24 + rejected 0" in out
     manifest = json.loads(s3.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
     keys = []
@@ -208,15 +250,66 @@ def test_a_store_down_past_the_retry_budget_fails_in_one_line_and_claims_nothing
     proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     job = _prepare_through(proxy, bucket, "storage.retry_seconds=3")
     _when_first_shard_lands(s3, bucket, job)
-    proxy.down()
-    try:
-        _, err = job.communicate(timeout=240)
-    finally:
-        proxy.up()
-    # Ray's own log lines (worker warnings) may follow; the job says what went wrong in one line.
-    (line,) = [line for line in err.splitlines() if line.startswith("imgpipe ")]
-    assert job.returncode == 1 and "Traceback" not in err
-    assert re.fullmatch(rf"imgpipe prepare: s3://{bucket}/\S+: cannot reach the storage endpoint \(.+\), still "
-                        r"failing after 3 s of retries; check that the store is up .+storage\.retry_seconds", line), line
+    _fails_in_one_line_while_down(proxy, job, "prepare", bucket)
     names = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])]
     assert "out/manifest.json" not in names and "out/classes.json" not in names
+
+
+def _features_through(proxy: FlakyProxy, bucket: str, *settings: str) -> subprocess.Popen:
+    """`imgpipe features` of s3://bucket/prepared into s3://bucket/out, through the proxy."""
+    return _job_through(proxy, "features", f"features.source=s3://{bucket}/prepared",
+                        f"features.output=s3://{bucket}/out", "features.batch_size=4", "features.decode_batch=4",
+                        *settings)
+
+
+def _prepared_in(bucket: str, tmp_path: Path) -> dict:
+    """24 small JPEGs prepared straight into s3://bucket/prepared (not through the proxy): 9 shards."""
+    write_imagefolder(tmp_path / "raw", {"a": 12, "b": 12}, size=(32, 32))
+    return prepare_without_ray(str(tmp_path / "raw"), f"s3://{bucket}/prepared", 3)
+
+
+def _whole_parts(s3, bucket: str, manifest: dict) -> dict[str, list[str]]:
+    """Every part the output holds, read from the server: each a whole Parquet file holding its shard's samples."""
+    counts = {f"{s['path'].split('-')[0]}/part-{s['path'].split('-')[1][:-4]}.parquet": s["samples"]
+              for split in manifest["splits"].values() for s in split["shards"]}
+    keys = {}
+    for obj in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", []):
+        if obj["Key"].endswith(".parquet"):
+            data = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            table = pq.read_table(io.BytesIO(data), columns=["key"])
+            name = obj["Key"].removeprefix("out/")
+            assert table.num_rows == counts[name], name
+            keys[name] = table.column("key").to_pylist()
+    return keys
+
+
+@pytest.mark.timeout(300)
+def test_features_through_a_store_failing_for_seconds_completes_exactly_once(s3, s3_endpoint, bucket, tmp_path):
+    manifest = _prepared_in(bucket, tmp_path)
+    proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    job = _features_through(proxy, bucket)
+    _when_first_shard_lands(s3, bucket, job, ".parquet", "out/errors.jsonl")
+    out = _completes_through_an_outage(proxy, job, 3)
+    assert "inputs 24 = embedded 24 + rejected 0; 9 parts written this run" in out
+    keys = _whole_parts(s3, bucket, manifest)
+    assert len(keys) == sum(len(split["shards"]) for split in manifest["splits"].values()) == 9
+    every = [k for part in keys.values() for k in part]
+    assert len(every) == len(set(every)) == 24
+    run = json.loads(s3.get_object(Bucket=bucket, Key="out/features.json")["Body"].read())
+    assert run["complete"] is True and (run["inputs"], run["rows"], run["written"]) == (24, 24, 9)
+
+
+@pytest.mark.timeout(300)
+def test_features_with_the_store_down_past_the_budget_fails_in_one_line_and_claims_nothing(s3, s3_endpoint,
+                                                                                           bucket, tmp_path):
+    manifest = _prepared_in(bucket, tmp_path)
+    proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    job = _features_through(proxy, bucket, "storage.retry_seconds=3")
+    _when_first_shard_lands(s3, bucket, job, ".parquet", "out/errors.jsonl")
+    _fails_in_one_line_while_down(proxy, job, "features", bucket)
+    keys = _whole_parts(s3, bucket, manifest)  # the parts written before the outage, each whole
+    assert 1 <= len(keys) < 9
+    run = json.loads(s3.get_object(Bucket=bucket, Key="out/features.json")["Body"].read())
+    assert run["complete"] is False and "rows" not in run
+    names = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])]
+    assert "out/errors.jsonl" not in names
