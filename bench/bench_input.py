@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--actors", type=int, default=os.cpu_count() or 1, help="(d): augmentation actors, 1 CPU each")
     parser.add_argument("--pool", choices=("tasks", "actors"), default="tasks", help="(d): where decode + augment run")
+    parser.add_argument("--any-order", action="store_true", help="(d): loader.deterministic=false")
     parser.add_argument("--classes", type=int, default=10)
     args = parser.parse_args()
     if args.images * TRAIN_SHARE / 2 < 2 * SHUFFLE_BUFFER:
@@ -92,7 +93,7 @@ def main() -> None:
         "a": ("decode only, Pillow", lambda r: run_pillow_decode(blobs)),
         "b": ("torchvision ImageFolder + DataLoader", lambda r: run_torchvision(raw)),
         "c": ("imgpipe train transform, plain loop", lambda r: run_transform(blobs, epoch=r)),
-        "d": (f"imgpipe Ray Data pipeline, {args.actors} {args.pool}", lambda r: run_pipeline(shards, args.actors, args.pool, epoch=r)),
+        "d": (f"imgpipe Ray Data pipeline, {args.actors} {args.pool}", lambda r: run_pipeline(shards, args.actors, args.pool, not args.any_order, epoch=r)),
     }
     runs: dict[str, list[Run]] = {k: [] for k in variants}
     run_pillow_decode(blobs[:200]), run_transform(blobs[:200], epoch=0)  # warm caches and allocators
@@ -172,7 +173,7 @@ def run_transform(blobs: list[bytes], epoch: int) -> Run:
     return run
 
 
-def run_pipeline(shards: Path, actors: int, pool: str, epoch: int) -> Run:
+def run_pipeline(shards: Path, actors: int, pool: str, ordered: bool, epoch: int) -> Run:
     """(d) on half the shards, then on all of them: the difference is the steady-state cost
     of the other half, without the actor pool's start-up and the pipeline's fill and drain."""
     from dataclasses import replace
@@ -181,19 +182,22 @@ def run_pipeline(shards: Path, actors: int, pool: str, epoch: int) -> Run:
 
     source = open_images(str(shards), splits=["train"])
     half = replace(source, units=source.units[: len(source.units) // 2])
-    small = pipeline_epoch(half, actors, pool, epoch)
-    full = pipeline_epoch(source, actors, pool, epoch)
+    small = pipeline_epoch(half, actors, pool, ordered, epoch)
+    full = pipeline_epoch(source, actors, pool, ordered, epoch)
     return Run(full.images - small.images, full.wall - small.wall, full.cpu - small.cpu, actors)
 
 
-def pipeline_epoch(source, actors: int, pool: str, epoch: int) -> Run:
+def pipeline_epoch(source, actors: int, pool: str, ordered: bool, epoch: int) -> Run:
     """One epoch of (d), clocked from the start of the iteration to its last batch."""
     from pipeline import schema
     from pipeline.config import AugmentConfig, LoaderConfig
     from pipeline.loader import TrainInput, iter_train_batches
     from pipeline.preprocessing import Preprocessing
 
-    cfg = LoaderConfig(batch_size=BATCH, shuffle_buffer=SHUFFLE_BUFFER, pool=pool, actors=actors, actor_cpus=1.0, prefetch_batches=4)
+    cfg = LoaderConfig(
+        batch_size=BATCH, shuffle_buffer=SHUFFLE_BUFFER, pool=pool, deterministic=ordered, actors=actors, actor_cpus=1.0,
+        prefetch_batches=4,
+    )
     train_input = TrainInput(source, Preprocessing(), AugmentConfig(), cfg)
     last = source.count // BATCH - 1
     images, t1, c1 = 0, 0.0, 0.0

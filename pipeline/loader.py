@@ -182,7 +182,7 @@ class TrainInput:
     def _through_actors(self, ds: ray.data.Dataset, transform, epoch: int) -> ray.data.Dataset:
         # Blocks leave in shard order, whichever task finishes first: the split then hands every
         # rank the same rows in every run, so a resumed run trains on what an uninterrupted one did.
-        ds.context.execution_options.preserve_order = True
+        ds.context.execution_options.preserve_order = self.loader.deterministic
         nodes = ray.nodes()
         selector = label_selector(self.loader, nodes)
         placement = {"label_selector": selector} if selector else {}
