@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/imgpipe demo --config configs/demo.yaml
 
+# Two pytest runs: the suite on one shared local Ray, then the tests that build a multi-node
+# cluster_utils cluster in the test process itself (they must not share a process with that Ray).
 test: setup
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m multinode
 
 clean:
 	rm -rf $(VENV) runs

@@ -165,7 +165,7 @@ class LoaderConfig(Section):
 
     batch_size: int = Field(default=64, ge=1)  # per training worker
     pool: Literal["tasks", "actors"] = "tasks"  # where decode + augment run: see README, "Training input"
-    deterministic: bool = True  # same rows to the same rank in every run (exact resume); false: ~15% faster input
+    deterministic: bool = True  # same rows to the same rank in every run (exact resume); false: faster input
     shuffle_buffer: int = Field(default=1000, ge=0)  # rows in each worker's local shuffle buffer
     seed: int = 0  # with the epoch, fixes the shard order and the shuffle buffer
     actors: Optional[int] = Field(default=None, ge=1)  # None: (eligible CPUs - reserved) / actor_cpus

@@ -127,7 +127,9 @@ def augment_batch(batch: Batch, transform, epoch: int, errors) -> Batch:
             {"key": str(k), "source": str(s), "reason": str(r)}
             for k, s, r in zip(out[schema.KEY][bad], out[schema.SOURCE][bad], out[schema.ERROR][bad])
         ]
-        errors.add.remote(epoch, rows)
+        # Waited for (rare: only batches with bad rows), so that a count read after the epoch
+        # already holds it: a task's fire-and-forget call may reach the actor after the reader's.
+        ray.get(errors.add.remote(epoch, rows))
     return {c: out[c][~bad] for c in OUTPUT_COLUMNS}
 
 

@@ -21,7 +21,9 @@ from images import prepare_without_ray, write_imagefolder
 from processes import ray_env
 
 ROOT = Path(__file__).parent.parent
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+# cluster_utils runs its nodes from this process and resets its Ray state on shutdown: these
+# tests get a pytest process of their own (`pytest -m multinode`, the second half of `make test`).
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(240)]
 
 # Fast failure detection (RAY-NOTES): a node that stops answering is dead after ~1.5 s, not 30 s.
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_timeout_ms": 500}
