@@ -29,7 +29,7 @@ from pipeline import demo, loader, predict, report, runtime, storage, trainloop,
 from pipeline.config import ClassifyConfig, Config, FinetuneConfig, ModelConfig
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.preprocessing import Preprocessing
-from pipeline.sources import ImageSource, open_images
+from pipeline.sources import MANIFEST, ImageSource, open_images
 
 log = logging.getLogger("imgpipe")
 
@@ -89,6 +89,10 @@ def check_inputs(ft: FinetuneConfig, cfg: Config) -> tuple[ImageSource, storage.
     """The source has the train and val splits; the output is a location."""
     if not ft.source or not ft.output:
         raise ValueError("finetune needs finetune.source (prepared shards) and finetune.output (the run folder)")
+    if not storage.exists(storage.resolve(ft.source, cfg.storage).join(MANIFEST)):
+        raise ValueError(
+            f"{ft.source}: no prepared shards here (no {MANIFEST}); run `imgpipe prepare` on the images first"
+        )
     source = open_images(ft.source, cfg.storage, kind="shards")
     missing = [s for s in (ft.train_split, ft.val_split) if s not in source.splits]
     if missing:
