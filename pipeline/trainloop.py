@@ -142,7 +142,8 @@ class FinetuneRunner:
         bar.close()
         sums = _all_reduce(sums)
         elapsed = time.perf_counter() - started
-        images = (index + 1) * self.spec.loader.batch_size * self.world
+        # Batches skipped on a mid-epoch resume were not trained here: not counted in the rate.
+        images = (index + 1 - resume_at) * self.spec.loader.batch_size * self.world
         share = (
             float(_all_reduce(torch.tensor([waited / max(elapsed, 1e-9)], dtype=torch.float64, device=self.device))[0])
             / self.world
