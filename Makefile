@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # constraints.txt pins the exact set tested on Python 3.11; other Pythons get pyproject's ranges.
 CONSTRAINTS = $(shell $(PYTHON) -c 'import sys; print("-c constraints.txt" if sys.version_info[:2] == (3, 11) else "")')
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint fmt bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,9 +21,18 @@ demo: setup
 
 # Two pytest runs: the suite on one shared local Ray, then the tests that build a multi-node
 # cluster_utils cluster in the test process itself (they must not share a process with that Ray).
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m multinode
+
+# Lint and format drift fail `make test`; `make fmt` fixes what ruff can.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) runs

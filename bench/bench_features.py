@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--weights", default="DEFAULT")
-    parser.add_argument("--actors", type=int, default=None, help="(a): model actors (default: sized by features.plan_actors)")
+    parser.add_argument(
+        "--actors", type=int, default=None, help="(a): model actors (default: sized by features.plan_actors)"
+    )
     args = parser.parse_args()
 
     from pipeline import features, runtime
@@ -58,13 +60,22 @@ def main() -> None:
     t0 = time.perf_counter()
     runtime.connect(RayConfig())
     plan = features.model_actor_plan(ModelConfig(), args.actors, args.images, 64)
-    print(f"embedded Ray started in {time.perf_counter() - t0:.1f}s (not timed below): {runtime.cluster_cpus()} logical CPUs on {os.cpu_count()} cores; "
-          f"(a) runs {plan.size} actor(s) x {plan.threads} torch threads")
+    print(
+        f"embedded Ray started in {time.perf_counter() - t0:.1f}s (not timed below): {runtime.cluster_cpus()} "
+        f"logical CPUs on {os.cpu_count()} cores; "
+        f"(a) runs {plan.size} actor(s) x {plan.threads} torch threads"
+    )
 
     make_imagefolder(work / "warmup", 64)
     variants = {
-        "a": ("imgpipe features (Ray Data, actor pool, channels-last)", lambda root, r: run_pipeline(args, root, work / f"features-{r}")),
-        "b": (f"plain PyTorch loop (ImageFolder + DataLoader, {os.cpu_count()} workers)", lambda root, r: run_plain(args, root, channels_last=False)),
+        "a": (
+            "imgpipe features (Ray Data, actor pool, channels-last)",
+            lambda root, r: run_pipeline(args, root, work / f"features-{r}"),
+        ),
+        "b": (
+            f"plain PyTorch loop (ImageFolder + DataLoader, {os.cpu_count()} workers)",
+            lambda root, r: run_plain(args, root, channels_last=False),
+        ),
         "c": ("plain PyTorch loop, channels-last", lambda root, r: run_plain(args, root, channels_last=True)),
     }
     for key, (_, fn) in variants.items():
@@ -98,12 +109,14 @@ def run_plain(args, root: Path, channels_last: bool) -> None:
 
     backbone = models.load_backbone(args.backbone, args.weights).eval()
     prep = backbone.preprocessing
-    transform = transforms.Compose([
-        transforms.Resize(prep.resize_size, interpolation=transforms.InterpolationMode(prep.interpolation)),
-        transforms.CenterCrop(prep.crop_size),
-        transforms.ToTensor(),
-        transforms.Normalize(prep.mean, prep.std),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(prep.resize_size, interpolation=transforms.InterpolationMode(prep.interpolation)),
+            transforms.CenterCrop(prep.crop_size),
+            transforms.ToTensor(),
+            transforms.Normalize(prep.mean, prep.std),
+        ]
+    )
     dataset = datasets.ImageFolder(str(root), transform)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=os.cpu_count() or 1)
     if channels_last:
@@ -123,7 +136,10 @@ def report(images: int, variants: dict, seconds: dict) -> None:
     for key, (name, _) in variants.items():
         print(f"  ({key}) {rate[key]:6.1f} img/s  {name}")
     ratio = rate["a"] / rate["b"]
-    print(f"\nRATIO features throughput / plain PyTorch loop (a/b): {ratio:.2f}x  (target >= {TARGET}x: {'met' if ratio >= TARGET else 'NOT met'})")
+    print(
+        f"\nRATIO features throughput / plain PyTorch loop (a/b): {ratio:.2f}x  (target >= {TARGET}x: "
+        f"{'met' if ratio >= TARGET else 'NOT met'})"
+    )
     print(f"      against the channels-last plain loop (a/c): {rate['a'] / rate['c']:.2f}x")
 
 

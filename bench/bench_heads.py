@@ -65,17 +65,32 @@ def main() -> None:
     test_embeddings = np.concatenate([embed(test[i : i + 256]).numpy() for i in range(0, len(test), 256)])
     head_times.append(time_head_training(work, x, labels, is_train, args.embeddings, 1))
 
-    acc_cached, acc_e2e = accuracy(cached_head, x[test], labels[test]), accuracy(e2e_head, test_embeddings, labels[test])
+    acc_cached, acc_e2e = (
+        accuracy(cached_head, x[test], labels[test]),
+        accuracy(e2e_head, test_embeddings, labels[test]),
+    )
     rate = len(train) / statistics.median(epoch_seconds)
     epoch_big, head_time = args.embeddings / rate, statistics.median(head_times)
-    print(f"\nend to end through the frozen backbone: {rate:.1f} img/s (median of {len(epoch_seconds)} epochs over {len(train)} images)")
+    print(
+        f"\nend to end through the frozen backbone: {rate:.1f} img/s (median of {len(epoch_seconds)} epochs "
+        f"over {len(train)} images)"
+    )
     print(f"  -> one epoch over {args.embeddings:,} images: {epoch_big:,.0f}s (extrapolated)")
-    print(f"train-head on {args.embeddings:,} cached embeddings, read to written: {head_time:.1f}s (median of {len(head_times)})")
+    print(
+        f"train-head on {args.embeddings:,} cached embeddings, read to written: {head_time:.1f}s (median of "
+        f"{len(head_times)})"
+    )
     ratio = epoch_big / head_time
-    print(f"\nRATIO one backbone epoch / whole head training: {ratio:.0f}x  (target >= {SPEED_TARGET:.0f}x: {'met' if ratio >= SPEED_TARGET else 'NOT met'})")
+    print(
+        f"\nRATIO one backbone epoch / whole head training: {ratio:.0f}x  (target >= {SPEED_TARGET:.0f}x: "
+        f"{'met' if ratio >= SPEED_TARGET else 'NOT met'})"
+    )
     diff = 100 * abs(acc_cached - acc_e2e)
-    print(f"ACCURACY on {len(test)} test digits: cached-features head {acc_cached:.2%}, end-to-end head {acc_e2e:.2%}, "
-          f"difference {diff:.2f} pp (target <= {ACCURACY_TARGET_PP} pp: {'met' if diff <= ACCURACY_TARGET_PP else 'NOT met'})")
+    print(
+        f"ACCURACY on {len(test)} test digits: cached-features head {acc_cached:.2%}, end-to-end head {acc_e2e:.2%}, "
+        f"difference {diff:.2f} pp (target <= {ACCURACY_TARGET_PP} pp: "
+        f"{'met' if diff <= ACCURACY_TARGET_PP else 'NOT met'})"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -126,10 +141,15 @@ def backbone_on_images(files: list[Path]):
     transform = augment.build_eval_transform(backbone.preprocessing)
 
     def embed(indices) -> torch.Tensor:
-        batch = {schema.KEY: np.array([str(i) for i in indices], dtype=object), schema.IMAGE: np.array([files[i].read_bytes() for i in indices], dtype=object),
-                 schema.ERROR: np.array([""] * len(indices), dtype=object)}
+        batch = {
+            schema.KEY: np.array([str(i) for i in indices], dtype=object),
+            schema.IMAGE: np.array([files[i].read_bytes() for i in indices], dtype=object),
+            schema.ERROR: np.array([""] * len(indices), dtype=object),
+        }
         with torch.inference_mode():
-            return backbone(to_model_input(transform(batch)[schema.PIXELS], backbone.preprocessing, torch.device("cpu"))).clone()
+            return backbone(
+                to_model_input(transform(batch)[schema.PIXELS], backbone.preprocessing, torch.device("cpu"))
+            ).clone()
 
     return embed
 
@@ -170,10 +190,16 @@ def fit(x, y, stats, args, verbose: bool = False):
     seconds = []
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
-        loss, top1, _ = heads.train_epoch(head, x, torch.from_numpy(y), torch.nn.CrossEntropyLoss(), optimizer, args.batch_size, generator)
+        loss, top1, _ = heads.train_epoch(
+            head, x, torch.from_numpy(y), torch.nn.CrossEntropyLoss(), optimizer, args.batch_size, generator
+        )
         seconds.append(time.perf_counter() - t0)
         if verbose:
-            print(f"  end-to-end epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, train top-1 {top1:.3f}, {len(y) / seconds[-1]:.1f} img/s", flush=True)
+            print(
+                f"  end-to-end epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, train top-1 {top1:.3f}, "
+                f"{len(y) / seconds[-1]:.1f} img/s",
+                flush=True,
+            )
     return head.eval(), seconds
 
 
@@ -197,20 +223,44 @@ def time_head_training(work: Path, x, y, is_train, n: int, run: int) -> float:
 
     rng = np.random.default_rng(run)
     held = rng.permutation(np.flatnonzero(~is_train))
-    sources = {"train": (np.flatnonzero(is_train), int(0.8 * n)), "val": (held[: len(held) // 2], n // 10), "test": (held[len(held) // 2 :], n - int(0.8 * n) - n // 10)}
+    sources = {
+        "train": (np.flatnonzero(is_train), int(0.8 * n)),
+        "val": (held[: len(held) // 2], n // 10),
+        "test": (held[len(held) // 2 :], n - int(0.8 * n) - n // 10),
+    }
     noise = 0.3 * x.astype(np.float32).std(0)
     out = storage.resolve(str(work / f"big-{run}"))
-    meta = {"backbone": "efficientnet_lite0", "weights": "bench", "preprocessing": "{}", "dim": "1280", "dtype": "float16",
-            "classes": json.dumps([str(d) for d in range(10)]), "source": "bench"}
+    meta = {
+        "backbone": "efficientnet_lite0",
+        "weights": "bench",
+        "preprocessing": "{}",
+        "dim": "1280",
+        "dtype": "float16",
+        "classes": json.dumps([str(d) for d in range(10)]),
+        "source": "bench",
+    }
     chunks = []
     for split, (rows, count) in sources.items():
         for k, start in enumerate(range(0, count, 5000)):
             pick = rng.choice(rows, min(5000, count - start))
-            emb = (x[pick].astype(np.float32) + rng.normal(0, 1, (len(pick), x.shape[1])).astype(np.float32) * noise).astype(np.float16)
+            emb = (
+                x[pick].astype(np.float32) + rng.normal(0, 1, (len(pick), x.shape[1])).astype(np.float32) * noise
+            ).astype(np.float16)
             keys = np.array([f"{split}/{start + i}" for i in range(len(pick))], dtype=object)
             unit = Unit(f"{split}-{k:06d}", split, len(pick), ())
-            chunks.append((unit, {schema.KEY: keys, schema.LABEL: y[pick], schema.SOURCE: keys, schema.SHARD: np.array([unit.name] * len(pick), dtype=object),
-                                 schema.ERROR: np.array([""] * len(pick), dtype=object), schema.EMBEDDING: emb}))
+            chunks.append(
+                (
+                    unit,
+                    {
+                        schema.KEY: keys,
+                        schema.LABEL: y[pick],
+                        schema.SOURCE: keys,
+                        schema.SHARD: np.array([unit.name] * len(pick), dtype=object),
+                        schema.ERROR: np.array([""] * len(pick), dtype=object),
+                        schema.EMBEDDING: emb,
+                    },
+                )
+            )
     units = [u for u, _ in chunks]
     sink = parts.PartSink(out, units, features.features_table(1280, "float16"), meta)
     for _, batch in chunks:
@@ -220,8 +270,12 @@ def time_head_training(work: Path, x, y, is_train, n: int, run: int) -> float:
     t0 = time.perf_counter()
     metrics = heads.run(HeadConfig(features=out.uri, output=str(work / f"head-{run}")), StorageConfig())
     seconds = time.perf_counter() - t0
-    print(f"train-head on {n:,} cached embeddings: {seconds:.1f}s, {metrics['epochs_run']} epochs (best {metrics['best_epoch']}), "
-          f"test top-1 {metrics['test']['top1']:.2%}", flush=True)
+    print(
+        f"train-head on {n:,} cached embeddings: {seconds:.1f}s, {metrics['epochs_run']} epochs (best "
+        f"{metrics['best_epoch']}), "
+        f"test top-1 {metrics['test']['top1']:.2%}",
+        flush=True,
+    )
     return seconds
 
 

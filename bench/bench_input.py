@@ -76,8 +76,10 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     args = parser.parse_args()
     if args.images * TRAIN_SHARE / 2 < 2 * SHUFFLE_BUFFER:
-        parser.error(f"--images {args.images}: (d)'s half epoch must hold two shuffle buffers ({2 * SHUFFLE_BUFFER} rows); "
-                     f"use --images {int(4 * SHUFFLE_BUFFER / TRAIN_SHARE)} or more")
+        parser.error(
+            f"--images {args.images}: (d)'s half epoch must hold two shuffle buffers ({2 * SHUFFLE_BUFFER} rows); "
+            f"use --images {int(4 * SHUFFLE_BUFFER / TRAIN_SHARE)} or more"
+        )
 
     import torch
 
@@ -86,21 +88,31 @@ def main() -> None:
     t0 = time.perf_counter()
     raw = make_imagefolder(work / "raw", args.images, args.classes)
     blobs = [p.read_bytes() for p in sorted(raw.rglob("*.jpg"))]
-    print(f"generated {len(blobs)} JPEGs (avg {sum(map(len, blobs)) / len(blobs) / 1024:.0f} KiB) in {time.perf_counter() - t0:.0f}s")
+    print(
+        f"generated {len(blobs)} JPEGs (avg {sum(map(len, blobs)) / len(blobs) / 1024:.0f} KiB) in "
+        f"{time.perf_counter() - t0:.0f}s"
+    )
     shards = prepare_shards(raw, work / "shards")
 
     variants = {
         "a": ("decode only, Pillow", lambda r: run_pillow_decode(blobs)),
         "b": ("torchvision ImageFolder + DataLoader", lambda r: run_torchvision(raw)),
         "c": ("imgpipe train transform, plain loop", lambda r: run_transform(blobs, epoch=r)),
-        "d": (f"imgpipe Ray Data pipeline, {args.actors} {args.pool}", lambda r: run_pipeline(shards, args.actors, args.pool, not args.any_order, epoch=r)),
+        "d": (
+            f"imgpipe Ray Data pipeline, {args.actors} {args.pool}",
+            lambda r: run_pipeline(shards, args.actors, args.pool, not args.any_order, epoch=r),
+        ),
     }
     runs: dict[str, list[Run]] = {k: [] for k in variants}
     run_pillow_decode(blobs[:200]), run_transform(blobs[:200], epoch=0)  # warm caches and allocators
     for r in range(args.rounds):
         for key, (_, fn) in variants.items():
             runs[key].append(fn(r))
-        print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{k} {runs[k][-1].per_cpu_second:5.0f}" for k in variants) + "  img/CPU-s")
+        print(
+            f"round {r + 1}/{args.rounds}: "
+            + "  ".join(f"{k} {runs[k][-1].per_cpu_second:5.0f}" for k in variants)
+            + "  img/CPU-s"
+        )
     report(variants, runs)
     stage_profile(blobs[:300])
 
@@ -195,7 +207,12 @@ def pipeline_epoch(source, actors: int, pool: str, ordered: bool, epoch: int) ->
     from pipeline.preprocessing import Preprocessing
 
     cfg = LoaderConfig(
-        batch_size=BATCH, shuffle_buffer=SHUFFLE_BUFFER, pool=pool, deterministic=ordered, actors=actors, actor_cpus=1.0,
+        batch_size=BATCH,
+        shuffle_buffer=SHUFFLE_BUFFER,
+        pool=pool,
+        deterministic=ordered,
+        actors=actors,
+        actor_cpus=1.0,
         prefetch_batches=4,
     )
     train_input = TrainInput(source, Preprocessing(), AugmentConfig(), cfg)
@@ -248,9 +265,12 @@ def stage_profile(blobs: list[bytes]) -> None:
     boxes = []
     for i, b in enumerate(blobs):
         head = read_header(b)
-        boxes.append(random_resized_crop_box(head.width, head.height, (0.08, 1.0), (3 / 4, 4 / 3), sample_rng(0, 0, f"k{i}")))
+        boxes.append(
+            random_resized_crop_box(head.width, head.height, (0.08, 1.0), (3 / 4, 4 / 3), sample_rng(0, 0, f"k{i}"))
+        )
     out = np.empty((224, 224, 3), np.uint8)
     regions = [crop_region(read_header(b), box, 224) for b, box in zip(blobs, boxes)]
+
     def each(fn):
         def loop() -> None:
             for i in range(len(blobs)):
@@ -298,8 +318,13 @@ def prepare_shards(raw: Path, out: Path) -> Path:
 
     runtime.connect(RayConfig())
     t0 = time.perf_counter()
-    manifest = run(PrepareConfig(source=str(raw), output=str(out), split={"train": 1.0}, shard_max_samples=250), StorageConfig())
-    print(f"prepared {manifest['samples']} samples into {len(manifest['splits']['train']['shards'])} shards in {time.perf_counter() - t0:.0f}s")
+    manifest = run(
+        PrepareConfig(source=str(raw), output=str(out), split={"train": 1.0}, shard_max_samples=250), StorageConfig()
+    )
+    print(
+        f"prepared {manifest['samples']} samples into {len(manifest['splits']['train']['shards'])} shards in "
+        f"{time.perf_counter() - t0:.0f}s"
+    )
     return out
 
 

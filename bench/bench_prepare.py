@@ -49,13 +49,17 @@ def main() -> None:
     print(f"uploaded to the local S3 server in {time.perf_counter() - t0:.1f}s")
 
     import ray
+
     from pipeline import runtime, storage
     from pipeline.config import PrepareConfig, RayConfig, StorageConfig
     from pipeline.prepare import run
 
     t0 = time.perf_counter()
     runtime.connect(RayConfig())
-    print(f"embedded Ray started in {time.perf_counter() - t0:.1f}s ({runtime.cluster_cpus()} logical CPUs on {os.cpu_count()} cores)")
+    print(
+        f"embedded Ray started in {time.perf_counter() - t0:.1f}s ({runtime.cluster_cpus()} logical CPUs on "
+        f"{os.cpu_count()} cores)"
+    )
 
     n = args.images + args.bad
     # The first Ray Data execution starts the worker processes: time it apart from prepare.
@@ -75,11 +79,15 @@ def main() -> None:
         assert manifest["samples"] + manifest["rejected"] == manifest["inputs"] == n, manifest
         assert manifest["rejected"] == args.bad
         errors = storage.read_bytes(storage.resolve(out).join("errors.jsonl")).decode().splitlines()
-        assert sorted(json.loads(e)["source"].rsplit("/", 1)[1] for e in errors) == sorted(p.name for p in raw.rglob("bad_*"))
+        assert sorted(json.loads(e)["source"].rsplit("/", 1)[1] for e in errors) == sorted(
+            p.name for p in raw.rglob("bad_*")
+        )
         rows.append((name, wall, manifest))
-        print(f"prepare {name:<16} {wall:6.1f}s  = {wall / n * 1000:5.1f}s per 1,000 images  "
-              f"({manifest['samples']} samples, {manifest['rejected']} rejected, "
-              f"{sum(len(i['shards']) for i in manifest['splits'].values())} shards)")
+        print(
+            f"prepare {name:<16} {wall:6.1f}s  = {wall / n * 1000:5.1f}s per 1,000 images  "
+            f"({manifest['samples']} samples, {manifest['rejected']} rejected, "
+            f"{sum(len(i['shards']) for i in manifest['splits'].values())} shards)"
+        )
     ray.shutdown()
     steps(raw, endpoint, n)
 
@@ -140,10 +148,17 @@ def steps(raw: Path, endpoint: str, n: int) -> None:
     out = storage.resolve("s3://bench/upload-test.tar")
     t_put = timed(lambda: storage.write_bytes(out, data)) / len(blobs)
     local = pafs.LocalFileSystem()
-    t_local = timed(lambda: [local.open_input_stream(p, compression=None).read() for p in [str(raw / i.path.split("/raw/", 1)[1]) for i in found.inputs]]) / len(blobs)
+    t_local = timed(
+        lambda: [
+            local.open_input_stream(p, compression=None).read()
+            for p in [str(raw / i.path.split("/raw/", 1)[1]) for i in found.inputs]
+        ]
+    ) / len(blobs)
 
-    print("\nwhere the time goes (one core, seconds per 1,000 images; avg JPEG "
-          f"{sum(map(len, blobs)) / len(blobs) / 1024:.0f} KiB):")
+    print(
+        "\nwhere the time goes (one core, seconds per 1,000 images; avg JPEG "
+        f"{sum(map(len, blobs)) / len(blobs) / 1024:.0f} KiB):"
+    )
     for name, per in (
         ("list the bucket (driver)", t_list / n),
         ("GET from moto, one at a time", t_get1),
@@ -192,7 +207,12 @@ def start_s3() -> str:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     return endpoint
 
 

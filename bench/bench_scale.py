@@ -90,8 +90,16 @@ def step_plan(work: Path) -> dict:
     raw = open_images(str(work / "raw"))
     t3 = time.perf_counter()
     assert len(todo) == len(every) == len(shards.units) and raw.count == shards.count
-    return {"open_shards_s": t1 - t0, "plan_run_s": t2 - t1, "plan_s": t2 - t0, "open_raw_s": t3 - t2,
-            "units": len(todo), "raw_units": len(raw.units), "base_mb": base, "peak_mb": rss_mb()}
+    return {
+        "open_shards_s": t1 - t0,
+        "plan_run_s": t2 - t1,
+        "plan_s": t2 - t0,
+        "open_raw_s": t3 - t2,
+        "units": len(todo),
+        "raw_units": len(raw.units),
+        "base_mb": base,
+        "peak_mb": rss_mb(),
+    }
 
 
 def step_sink(work: Path) -> dict:
@@ -112,13 +120,25 @@ def step_sink(work: Path) -> dict:
         for start in range(0, unit.count, 64):
             n = min(64, unit.count - start)
             keys = np.array([f"{unit.name}/{i}" for i in range(start, start + n)], dtype=object)
-            sink.add({schema.KEY: keys, schema.LABEL: np.zeros(n, np.int64), schema.SOURCE: keys,
-                      schema.SHARD: np.array([unit.name] * n, dtype=object), schema.ERROR: np.array([""] * n, object),
-                      schema.EMBEDDING: emb[:n]})
+            sink.add(
+                {
+                    schema.KEY: keys,
+                    schema.LABEL: np.zeros(n, np.int64),
+                    schema.SOURCE: keys,
+                    schema.SHARD: np.array([unit.name] * n, dtype=object),
+                    schema.ERROR: np.array([""] * n, object),
+                    schema.EMBEDDING: emb[:n],
+                }
+            )
     sink.close()
     held = source.count * DIM * 2 / 2**20
-    return {"seconds": time.perf_counter() - t0, "base_mb": base, "peak_mb": rss_mb(), "all_embeddings_mb": held,
-            "parts": len(list((work / "sink").rglob("*.parquet")))}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "base_mb": base,
+        "peak_mb": rss_mb(),
+        "all_embeddings_mb": held,
+        "parts": len(list((work / "sink").rglob("*.parquet"))),
+    }
 
 
 STEPS = {"prepare": step_prepare, "plan": step_plan, "sink": step_sink}

@@ -28,8 +28,21 @@ from pipeline.runtime import FORWARDED_ENV
 ROOT = Path(__file__).resolve().parent.parent  # the project folder that becomes the working_dir
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded: environments, outputs, caches, version control (Ray also skips .gitignore'd paths).
-EXCLUDES = [".git", ".venv", "venv", "runs", "data", "out", "build", "dist", "*.egg-info", "__pycache__",
-            ".pytest_cache", ".ruff_cache", "*.pyc"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "runs",
+    "data",
+    "out",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.pyc",
+]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_S = 60  # how long a just-started head may take to accept jobs
 PATH_KEYS = ("source", "output", "features", "head", "workdir")  # config keys that name data locations
@@ -49,8 +62,10 @@ def resolve_address(address: str | None) -> str:
     if "://" not in address:
         address = f"http://{address}"
     if not address.startswith(("http://", "https://")) or not urlsplit(address).hostname:
-        raise SubmitError(f"address {address!r} is not the Ray Jobs API; give the head's dashboard URL, "
-                          "e.g. --address http://HEAD:8265 (not ray:// or the GCS port)")
+        raise SubmitError(
+            f"address {address!r} is not the Ray Jobs API; give the head's dashboard URL, "
+            "e.g. --address http://HEAD:8265 (not ray:// or the GCS port)"
+        )
     return address
 
 
@@ -79,9 +94,10 @@ def connect(address: str | None):
         return JobSubmissionClient(url, headers=headers)
     except AuthenticationError:
         found = "the token found was refused" if headers else "no token was found"
-        raise SubmitError(f"{url}: the cluster requires its authentication token and {found}; set RAY_AUTH_TOKEN "
-                          "or RAY_AUTH_TOKEN_PATH, or copy it to ~/.ray/auth_token (on the head: ray get-auth-token)"
-                          ) from None
+        raise SubmitError(
+            f"{url}: the cluster requires its authentication token and {found}; set RAY_AUTH_TOKEN "
+            "or RAY_AUTH_TOKEN_PATH, or copy it to ~/.ray/auth_token (on the head: ray get-auth-token)"
+        ) from None
     except Exception as exc:  # the SDK raises ConnectionError, RuntimeError or a JSON error for a non-Ray server
         raise SubmitError(f"{url}: not a Ray Jobs API ({_first_line(exc)}); give the head's dashboard URL") from None
 
@@ -93,8 +109,10 @@ def _check_reachable(url: str, timeout: float = 10.0) -> None:
         socket.create_connection((parts.hostname, port), timeout=timeout).close()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise SubmitError(f"cannot reach the Ray Jobs API at {url} ({reason}); check --address "
-                          "(the head's dashboard, port 8265 by default) and that the head is running") from None
+        raise SubmitError(
+            f"cannot reach the Ray Jobs API at {url} ({reason}); check --address "
+            "(the head's dashboard, port 8265 by default) and that the head is running"
+        ) from None
 
 
 # ---------------------------------------------------------------- building a submission
@@ -133,9 +151,11 @@ def job_arguments(args: list[str], section: str, cwd: Path | None = None) -> lis
     for key, value in getattr(cfg, section).model_dump().items():
         # A relative path on the cluster lands in the job's temporary working_dir copy, then vanishes.
         if key in PATH_KEYS and value and "://" not in value and not value.startswith("/"):
-            raise SubmitError(f"{section}.{key}={value} is a relative path, which on the cluster means a folder in "
-                              "the job's temporary copy of the project; give an s3:// or gs:// URI, or an absolute "
-                              "path on a disk every node shares")
+            raise SubmitError(
+                f"{section}.{key}={value} is a relative path, which on the cluster means a folder in "
+                "the job's temporary copy of the project; give an s3:// or gs:// URI, or an absolute "
+                "path on a disk every node shares"
+            )
     return out
 
 
@@ -144,8 +164,10 @@ def _project_path(path: Path, cwd: Path) -> str:
     if not full.is_file():
         raise SubmitError(f"config file {path} does not exist; pass a YAML file from configs/")
     if not full.is_relative_to(ROOT):
-        raise SubmitError(f"config file {path} is outside the project folder {ROOT}, which is all the cluster "
-                          "receives; copy it under configs/")
+        raise SubmitError(
+            f"config file {path} is outside the project folder {ROOT}, which is all the cluster "
+            "receives; copy it under configs/"
+        )
     return full.relative_to(ROOT).as_posix()
 
 
@@ -162,8 +184,12 @@ def submit(client, job: str, module: str, args: list[str], extra_env: dict[str, 
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                     runtime_env=runtime_env(extra_env), metadata={"imgpipe_job": job})
+            return client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env=runtime_env(extra_env),
+                metadata={"imgpipe_job": job},
+            )
         except RuntimeError as exc:
             # A head that has just started answers before its job agent is up.
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
@@ -250,8 +276,9 @@ def main(argv: list[str], jobs: Iterable[str]) -> int:
 
 def run_submit(argv: list[str], jobs: Iterable[str]) -> int:
     """Validate, upload, submit; with --follow, stream logs and return 0 only on SUCCEEDED."""
-    parser = argparse.ArgumentParser(prog="imgpipe submit", allow_abbrev=False,
-                                     description="Send a job to a Ray cluster; other flags go to the job.")
+    parser = argparse.ArgumentParser(
+        prog="imgpipe submit", allow_abbrev=False, description="Send a job to a Ray cluster; other flags go to the job."
+    )
     parser.add_argument("job", help=f"one of: {', '.join(sorted(jobs))}")
     parser.add_argument("--address", help=f"the head's Jobs API (default: RAY_API_SERVER_ADDRESS, {DEFAULT_ADDRESS})")
     parser.add_argument("--follow", "-f", action="store_true", help="stream the logs; exit 0 only if it SUCCEEDED")
@@ -279,8 +306,9 @@ def run_jobs(argv: list[str]) -> int:
     """`list`, `status ID`, `logs ID [--follow]`, `stop ID`."""
     address = argparse.ArgumentParser(add_help=False)  # --address before or after the action
     address.add_argument("--address", default=argparse.SUPPRESS, help=f"the Jobs API (default: {DEFAULT_ADDRESS})")
-    parser = argparse.ArgumentParser(prog="imgpipe jobs", allow_abbrev=False, parents=[address],
-                                     description="Jobs sent to a Ray cluster.")
+    parser = argparse.ArgumentParser(
+        prog="imgpipe jobs", allow_abbrev=False, parents=[address], description="Jobs sent to a Ray cluster."
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", parents=[address], help="every submitted job")
     actions = {"status": "a job's status", "logs": "a job's logs", "stop": "stop a job, wait till it has ended"}

@@ -13,7 +13,10 @@ def main(argv: list[str] | None = None) -> dict:
     start(cfg, cfg.classify.output, "classify.output")
     result = run_job("classify", predict.run, cfg.model, cfg.classify, cfg.storage)
     print(f"model: {result['model']}")
-    print(f"inputs {result['inputs']} = classified {result['rows']} + rejected {result['rejected']}; {result['written']} parts written this run")
+    print(
+        f"inputs {result['inputs']} = classified {result['rows']} + rejected {result['rejected']}; "
+        f"{result['written']} parts written this run"
+    )
     for split, m in (result["metrics"] or {}).items():
         print(f"{split:>5}: {report.accuracy_text(m)}  ({m['samples']} labelled)")
     print(f"wrote predictions to {result['output']}; rejects in {result['output']}/errors.jsonl")

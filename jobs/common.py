@@ -23,11 +23,20 @@ def parse_config(job: str, description: str, argv: list[str] | None) -> Config:
     """`--config FILE`, repeated `--set a.b=c`, `--address ADDR`; exits with one line on a bad config."""
     parser = argparse.ArgumentParser(prog=f"imgpipe {job}", description=description)
     parser.add_argument("--config", "-c", help="YAML config file (see configs/)")
-    parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set prepare.seed=1")
+    parser.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set prepare.seed=1",
+    )
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     parser.add_argument("--quiet", "-q", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     overrides = list(args.set) + ([f"ray.address={args.address}"] if args.address else [])
     try:
         return load_config(args.config, overrides)

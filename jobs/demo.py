@@ -23,10 +23,22 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_job("demo", demo.run, cfg)
     paths, split = result["paths"], cfg.demo.classify_split
     head, scores = result["head"], result["predictions"]["metrics"][split]
-    print(f"\n{result['images']} digits; splits " + ", ".join(f"{s} {i['samples']}" for s, i in result["manifest"]["splits"].items()))
-    print(f"features: {result['features']['rows']} x {result['features']['dim']}-d {cfg.model.backbone} embeddings -> {paths['features']}")
-    print(f"head ({cfg.head.kind}, best epoch {head['best_epoch']}): val top-1 {head['val']['top1']:.2%}, {split} top-1 on cached features {head[split]['top1']:.2%}")
-    print(f"classify (images -> backbone -> head), {split} split: top-1 {scores['top1']:.2%} on {scores['samples']} images -> {paths['predictions']}")
+    print(
+        f"\n{result['images']} digits; splits "
+        + ", ".join(f"{s} {i['samples']}" for s, i in result["manifest"]["splits"].items())
+    )
+    print(
+        f"features: {result['features']['rows']} x {result['features']['dim']}-d {cfg.model.backbone} "
+        f"embeddings -> {paths['features']}"
+    )
+    print(
+        f"head ({cfg.head.kind}, best epoch {head['best_epoch']}): val top-1 {head['val']['top1']:.2%}, "
+        f"{split} top-1 on cached features {head[split]['top1']:.2%}"
+    )
+    print(
+        f"classify (images -> backbone -> head), {split} split: top-1 {scores['top1']:.2%} on "
+        f"{scores['samples']} images -> {paths['predictions']}"
+    )
     print(f"plots: {paths['head']}/curves.png, {paths['head']}/confusion.png, {paths['predictions']}/confusion.png")
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings"].items()))
     print(f"\nTEST ACCURACY: {scores['top1']:.2%}")

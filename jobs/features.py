@@ -13,8 +13,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_job("features", features.run, cfg.model, cfg.features, cfg.storage)
     for split, info in result["splits"].items():
         print(f"{split:>5}: {info['rows']:>8} embedded, {info['rejected']} rejected, {info['parts']} parts")
-    print(f"inputs {result['inputs']} = embedded {result['rows']} + rejected {result['rejected']}; {result['written']} parts written this run")
-    print(f"wrote {result['dim']}-d {cfg.features.dtype} embeddings of {cfg.model.backbone} to {result['output']}; rejects in {result['output']}/errors.jsonl")
+    print(
+        f"inputs {result['inputs']} = embedded {result['rows']} + rejected {result['rejected']}; "
+        f"{result['written']} parts written this run"
+    )
+    print(
+        f"wrote {result['dim']}-d {cfg.features.dtype} embeddings of {cfg.model.backbone} to "
+        f"{result['output']}; rejects in {result['output']}/errors.jsonl"
+    )
     return result
 
 

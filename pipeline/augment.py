@@ -75,7 +75,14 @@ class TrainTransform:
     the decode can skip what the crop does not need. Pixel ops run on the small crop.
     """
 
-    def __init__(self, crop_size: int, interpolation: str, cfg: AugmentConfig, max_pixels: int = DEFAULT_MAX_PIXELS, epoch: int = 0):
+    def __init__(
+        self,
+        crop_size: int,
+        interpolation: str,
+        cfg: AugmentConfig,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        epoch: int = 0,
+    ):
         self.crop_size = crop_size
         self.interpolation = interpolation
         self.cfg = cfg
@@ -107,7 +114,9 @@ def build_eval_transform(prep, max_pixels: int = DEFAULT_MAX_PIXELS) -> EvalTran
     return EvalTransform(prep.crop_size, prep.resize_size, prep.interpolation, max_pixels)
 
 
-def build_train_transform(prep, cfg: AugmentConfig, max_pixels: int = DEFAULT_MAX_PIXELS, epoch: int = 0) -> TrainTransform | EvalTransform:
+def build_train_transform(
+    prep, cfg: AugmentConfig, max_pixels: int = DEFAULT_MAX_PIXELS, epoch: int = 0
+) -> TrainTransform | EvalTransform:
     """The train batch function: `cfg.preset` "standard" augments, "none" is the eval transform.
 
     Output size and interpolation come from the model's `Preprocessing`. Call it as

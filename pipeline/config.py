@@ -13,7 +13,6 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
@@ -93,7 +92,9 @@ class FeaturesConfig(Section):
 
     source: str = ""
     output: str = ""
-    source_kind: Literal["auto", "shards", "imagefolder", "images"] = "auto"  # auto: shards if a manifest, else by folder depth
+    source_kind: Literal["auto", "shards", "imagefolder", "images"] = (
+        "auto"  # auto: shards if a manifest, else by folder depth
+    )
     splits: Optional[list[str]] = None  # prepared shards: which splits; None = all
     batch_size: int = Field(default=64, ge=1)  # per model call (an H100 wants 256-512 for ResNet-50)
     decode_batch: int = Field(default=64, ge=1)  # rows per decode task block
@@ -208,7 +209,9 @@ class FinetuneConfig(Section):
     accumulate: int = Field(default=1, ge=1)  # batches per optimizer step (gradient accumulation)
     patience: Optional[int] = Field(default=None, ge=1)  # epochs without a better val loss before stopping
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on GPUs >= sm80, else fp16
-    channels_last: bool = True  # faster on GPU, and on CPU too (Lite0 train step on 1 core: 1.5x at 128 px, 1.7x at 224)
+    channels_last: bool = (
+        True  # faster on GPU, and on CPU too (Lite0 train step on 1 core: 1.5x at 128 px, 1.7x at 224)
+    )
     seed: int = 0  # model init, dropout and (with loader.seed, augment.seed) the data order
     num_workers: int = Field(default=1, ge=1)  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one CUDA device per worker (NCCL); else CPU (gloo)

@@ -52,7 +52,9 @@ def write_digits(root: storage.Location, limit: int | None = None) -> int:
 
 def prepare_digits(cfg: Config, work: storage.Location) -> dict:
     """prepare's manifest of the digits under `work/prepared` (written first under `work/digits`)."""
-    prepare_cfg = cfg.prepare.model_copy(update={"source": work.join("digits").uri, "output": work.join("prepared").uri, "layout": "imagefolder"})
+    prepare_cfg = cfg.prepare.model_copy(
+        update={"source": work.join("digits").uri, "output": work.join("prepared").uri, "layout": "imagefolder"}
+    )
     return prepare.run(prepare_cfg, cfg.storage)
 
 
@@ -85,9 +87,35 @@ def run(cfg: Config) -> dict:
 
     count = timed("digits", write_digits, work.join("digits"), cfg.demo.limit)
     manifest = timed("prepare", prepare_digits, cfg, work)
-    feats = timed("features", features.run, cfg.model, cfg.features.model_copy(update={"source": paths["prepared"], "output": paths["features"]}), cfg.storage)
-    head = timed("train-head", heads.run, cfg.head.model_copy(update={"features": paths["features"], "output": paths["head"]}), cfg.storage)
-    classify_cfg = cfg.classify.model_copy(update={"source": paths["prepared"], "output": paths["predictions"], "head": paths["head"], "splits": [cfg.demo.classify_split]})
+    feats = timed(
+        "features",
+        features.run,
+        cfg.model,
+        cfg.features.model_copy(update={"source": paths["prepared"], "output": paths["features"]}),
+        cfg.storage,
+    )
+    head = timed(
+        "train-head",
+        heads.run,
+        cfg.head.model_copy(update={"features": paths["features"], "output": paths["head"]}),
+        cfg.storage,
+    )
+    classify_cfg = cfg.classify.model_copy(
+        update={
+            "source": paths["prepared"],
+            "output": paths["predictions"],
+            "head": paths["head"],
+            "splits": [cfg.demo.classify_split],
+        }
+    )
     predictions = timed("classify", predict.run, cfg.model, classify_cfg, cfg.storage)
     timings["total"] = round(time.perf_counter() - started, 1)
-    return {"images": count, "manifest": manifest, "features": feats, "head": head, "predictions": predictions, "paths": paths, "timings": timings}
+    return {
+        "images": count,
+        "manifest": manifest,
+        "features": feats,
+        "head": head,
+        "predictions": predictions,
+        "paths": paths,
+        "timings": timings,
+    }

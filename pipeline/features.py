@@ -20,9 +20,9 @@ import ray
 import torch
 
 from pipeline import augment, devices, placement, schema, storage
-from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors, write_run_file
 from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig
 from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
+from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors, write_run_file
 from pipeline.placement import ActorPlan
 from pipeline.preprocessing import DeviceNormalizer, readonly_tensor
 from pipeline.sources import ImageSource, Unit, open_images

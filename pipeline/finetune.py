@@ -21,8 +21,7 @@ from dataclasses import replace
 
 import ray
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train import WorkerGroupError
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchTrainer
 
 from pipeline import demo, loader, predict, report, runtime, storage, trainloop, transfer

@@ -68,7 +68,13 @@ def create_head(spec: dict) -> nn.Sequential:
         return nn.Sequential(Standardize(dim), nn.Linear(dim, classes))
     if spec["kind"] == "mlp":
         hidden = int(spec["hidden"])
-        return nn.Sequential(Standardize(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(float(spec["dropout"])), nn.Linear(hidden, classes))
+        return nn.Sequential(
+            Standardize(dim),
+            nn.Linear(dim, hidden),
+            nn.ReLU(),
+            nn.Dropout(float(spec["dropout"])),
+            nn.Linear(hidden, classes),
+        )
     raise ValueError(f"unknown head kind {spec['kind']!r}; known: linear, mlp")
 
 
@@ -90,11 +96,15 @@ def load_features(uri: str, storage_cfg: StorageConfig | None = None) -> Feature
         raise ValueError(f"{uri}: no {RUN_FILE}; point head.features at the output of `imgpipe features`")
     run = json.loads(storage.read_bytes(run_file))
     if not run.get("complete"):
-        raise ValueError(f"{uri}: these features are incomplete (an interrupted run); run `imgpipe features` again to finish them")
+        raise ValueError(
+            f"{uri}: these features are incomplete (an interrupted run); run `imgpipe features` again to finish them"
+        )
     identity = run["identity"]
     x, y = {}, {}
     for split in run["splits"]:
-        table = read_parts(loc, [p for p in run["parts"] if p.startswith(split + "/")], [schema.LABEL, schema.EMBEDDING])
+        table = read_parts(
+            loc, [p for p in run["parts"] if p.startswith(split + "/")], [schema.LABEL, schema.EMBEDDING]
+        )
         dim = int(identity["dim"])
         emb = table.column(schema.EMBEDDING).combine_chunks()
         x[split] = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
@@ -108,7 +118,9 @@ def choose_splits(data: FeatureSet, val_fraction: float, seed: int) -> dict[str,
     labelled = {s: (data.x[s][data.y[s] >= 0], data.y[s][data.y[s] >= 0]) for s in data.x}
     train_name = "train" if "train" in labelled else next(iter(labelled), None)
     if train_name is None or not len(labelled[train_name][1]):
-        raise ValueError(f"no labelled training rows in the features (splits: {sorted(data.x)}); train-head needs labels")
+        raise ValueError(
+            f"no labelled training rows in the features (splits: {sorted(data.x)}); train-head needs labels"
+        )
     chosen = {"train": labelled[train_name]}
     # A split is never both trained on and used to stop or to score.
     if train_name != "val" and "val" in labelled and len(labelled["val"][1]):
@@ -168,7 +180,13 @@ def train_head(splits: dict, num_classes: int, cfg: HeadConfig, progress: Callab
     """Train on splits["train"], early-stop on splits["val"]; returns (head, spec, history, best)."""
     torch.manual_seed(cfg.seed)
     x_train, y_train = splits["train"]
-    spec = {"kind": cfg.kind, "in_dim": int(x_train.shape[1]), "num_classes": num_classes, "hidden": cfg.hidden, "dropout": cfg.dropout}
+    spec = {
+        "kind": cfg.kind,
+        "in_dim": int(x_train.shape[1]),
+        "num_classes": num_classes,
+        "hidden": cfg.hidden,
+        "dropout": cfg.dropout,
+    }
     head = create_head(spec)
     mean, std = standardization(x_train)
     head[0].mean.copy_(torch.from_numpy(mean))
@@ -181,10 +199,19 @@ def train_head(splits: dict, num_classes: int, cfg: HeadConfig, progress: Callab
     xt, yt = torch.from_numpy(standardized(x_train, mean, std)), torch.from_numpy(y_train)
     history, best, best_state, waited = [], None, None, 0
     for epoch in range(1, cfg.epochs + 1):
-        train_loss, train_top1, train_top5 = train_epoch(head[1:], xt, yt, loss_fn, optimizer, cfg.batch_size, generator)
+        train_loss, train_top1, train_top5 = train_epoch(
+            head[1:], xt, yt, loss_fn, optimizer, cfg.batch_size, generator
+        )
         val_loss, val_topk = evaluate(head, *splits["val"], loss_fn)
-        row = {"epoch": epoch, "train_loss": train_loss, "train_top1": train_top1, "train_top5": train_top5, "val_loss": val_loss,
-               "val_top1": report.topk_accuracy(splits["val"][1], val_topk, 1), "val_top5": report.topk_accuracy(splits["val"][1], val_topk, 5)}
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_top1": train_top1,
+            "train_top5": train_top5,
+            "val_loss": val_loss,
+            "val_top1": report.topk_accuracy(splits["val"][1], val_topk, 1),
+            "val_top5": report.topk_accuracy(splits["val"][1], val_topk, 5),
+        }
         history.append(row)
         if best is None or val_loss < best["val_loss"]:
             best, best_state, waited = row, {k: v.clone() for k, v in head.state_dict().items()}, 0
@@ -193,13 +220,19 @@ def train_head(splits: dict, num_classes: int, cfg: HeadConfig, progress: Callab
         if progress:
             progress({**row, "best": best is row})
         if waited >= cfg.patience:
-            log.info("early stop: validation loss has not improved for %d epochs (best epoch %d)", cfg.patience, best["epoch"])
+            log.info(
+                "early stop: validation loss has not improved for %d epochs (best epoch %d)",
+                cfg.patience,
+                best["epoch"],
+            )
             break
     head.load_state_dict(best_state)
     return head.eval(), spec, history, best
 
 
-def train_epoch(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, optimizer, batch_size: int, generator) -> tuple[float, float, float]:
+def train_epoch(
+    head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, optimizer, batch_size: int, generator
+) -> tuple[float, float, float]:
     """One pass over shuffled minibatches; returns the mean loss, top-1 and top-5 (dropout on)."""
     head.train()
     order = torch.randperm(len(y), generator=generator)
@@ -221,7 +254,9 @@ def train_epoch(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, opti
 
 @single_threaded
 @torch.inference_mode()
-def evaluate(head: nn.Module, x: np.ndarray, y: np.ndarray | None, loss_fn=None, k: int = 5) -> tuple[float, np.ndarray]:
+def evaluate(
+    head: nn.Module, x: np.ndarray, y: np.ndarray | None, loss_fn=None, k: int = 5
+) -> tuple[float, np.ndarray]:
     """Mean loss (nan without labels or loss) and the top-k class indices (N, k), in chunks."""
     head.eval()
     total, topk = 0.0, []
@@ -257,11 +292,23 @@ def run(cfg: HeadConfig, storage_cfg: StorageConfig) -> dict:
     out = storage.resolve(cfg.output, storage_cfg)
     data = load_features(cfg.features, storage_cfg)
     splits = choose_splits(data, cfg.val_fraction, cfg.seed)
-    log.info("train-head: %s head on %d-d %s features, %d classes; %s", cfg.kind, int(data.identity["dim"]), data.identity["backbone"],
-             len(data.classes), ", ".join(f"{s} {len(v[1])}" for s, v in splits.items()))
+    log.info(
+        "train-head: %s head on %d-d %s features, %d classes; %s",
+        cfg.kind,
+        int(data.identity["dim"]),
+        data.identity["backbone"],
+        len(data.classes),
+        ", ".join(f"{s} {len(v[1])}" for s, v in splits.items()),
+    )
     every = max(1, cfg.epochs // 40)  # about 40 progress lines, however many epochs
     head, spec, history, best = train_head(splits, len(data.classes), cfg, lambda row: _log_epoch(row, every))
-    log.info("kept epoch %d of %d: val loss %.4f, top-1 %.3f", best["epoch"], len(history), best["val_loss"], best["val_top1"])
+    log.info(
+        "kept epoch %d of %d: val loss %.4f, top-1 %.3f",
+        best["epoch"],
+        len(history),
+        best["val_loss"],
+        best["val_top1"],
+    )
     metrics = {"best_epoch": best["epoch"], "epochs_run": len(history), "history": history}
     for name in [s for s in ("train", "val", "test") if s in splits]:
         _, topk = evaluate(head, *splits[name])
@@ -270,28 +317,53 @@ def run(cfg: HeadConfig, storage_cfg: StorageConfig) -> dict:
     return {**metrics, "output": out.uri}
 
 
-def write_head(out: storage.Location, head: nn.Module, spec: dict, data: FeatureSet, cfg: HeadConfig, metrics: dict) -> None:
+def write_head(
+    out: storage.Location, head: nn.Module, spec: dict, data: FeatureSet, cfg: HeadConfig, metrics: dict
+) -> None:
     """head.pt (state dict), head.json (what it is), metrics.json, and the PNG plots."""
     buf = io.BytesIO()
     torch.save(head.state_dict(), buf)
     storage.write_bytes(out.join("head.pt"), buf.getvalue())
     ident = data.identity
-    summary = {s: {k: metrics[s][k] for k in metrics[s] if k.startswith("top")} for s in ("train", "val", "test") if s in metrics}
+    summary = {
+        s: {k: metrics[s][k] for k in metrics[s] if k.startswith("top")}
+        for s in ("train", "val", "test")
+        if s in metrics
+    }
     info = {
-        "format": HEAD_FORMAT, "architecture": spec, "classes": data.classes, "backbone": ident["backbone"], "weights": ident["weights"],
+        "format": HEAD_FORMAT,
+        "architecture": spec,
+        "classes": data.classes,
+        "backbone": ident["backbone"],
+        "weights": ident["weights"],
         "weights_digest": ident.get("weights_digest", ""),
-        "preprocessing": json.loads(ident["preprocessing"]), "features": {"source": ident["source"], "dim": int(ident["dim"]), "dtype": ident["dtype"]},
-        "train": cfg.model_dump(mode="json"), "best_epoch": metrics["best_epoch"], "metrics": summary,
+        "preprocessing": json.loads(ident["preprocessing"]),
+        "features": {"source": ident["source"], "dim": int(ident["dim"]), "dtype": ident["dtype"]},
+        "train": cfg.model_dump(mode="json"),
+        "best_epoch": metrics["best_epoch"],
+        "metrics": summary,
     }
     storage.write_bytes(out.join("head.json"), json.dumps(info, indent=1).encode())
     storage.write_bytes(out.join("metrics.json"), json.dumps(metrics, indent=1).encode())
     storage.write_bytes(out.join("curves.png"), report.plot_history(metrics["history"]))
     shown = "test" if "test" in metrics else "val"
-    storage.write_bytes(out.join("confusion.png"), report.plot_confusion(metrics[shown]["confusion_matrix"], data.classes, f"confusion matrix ({shown})"))
+    storage.write_bytes(
+        out.join("confusion.png"),
+        report.plot_confusion(metrics[shown]["confusion_matrix"], data.classes, f"confusion matrix ({shown})"),
+    )
 
 
 def _log_epoch(row: dict, every: int = 1) -> None:
     if row["epoch"] % every and row["epoch"] != 1:
         return
-    log.info("epoch %3d  train loss %.4f top1 %.3f top5 %.3f | val loss %.4f top1 %.3f top5 %.3f%s", row["epoch"], row["train_loss"], row["train_top1"],
-             row["train_top5"], row["val_loss"], row["val_top1"], row["val_top5"], "  *best" if row["best"] else "")
+    log.info(
+        "epoch %3d  train loss %.4f top1 %.3f top5 %.3f | val loss %.4f top1 %.3f top5 %.3f%s",
+        row["epoch"],
+        row["train_loss"],
+        row["train_top1"],
+        row["train_top5"],
+        row["val_loss"],
+        row["val_top1"],
+        row["val_top5"],
+        "  *best" if row["best"] else "",
+    )

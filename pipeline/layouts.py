@@ -50,10 +50,12 @@ class Discovery:
     images: np.ndarray | None = None  # array datasets: (N, H, W) or (N, H, W, 3) uint8
 
 
-def discover(loc: storage.Location, layout: str, extensions, label_pattern: str, classes: list[str] | None) -> Discovery:
+def discover(
+    loc: storage.Location, layout: str, extensions, label_pattern: str, classes: list[str] | None
+) -> Discovery:
     """List and label the inputs under `loc` in the given layout ('auto' detects it)."""
     files = storage.list_files(loc)
-    rel = {f.path: f.path[len(loc.path):].lstrip("/") for f in files}
+    rel = {f.path: f.path[len(loc.path) :].lstrip("/") for f in files}
     if layout == "auto":
         layout = detect_layout(loc, [rel[f.path] for f in files], extensions)
     if layout == "cifar10":
@@ -75,7 +77,14 @@ def discover(loc: storage.Location, layout: str, extensions, label_pattern: str,
 def unlabelled(loc: storage.Location, files) -> list[RawInput]:
     """A bare prefix of images, any depth: inputs without labels (label -1, no problem)."""
     inputs = [
-        RawInput(schema.sample_key(f.path[len(loc.path):].lstrip("/")), schema.UNLABELED, loc.uri_of(f.path), path=f.path, size=f.size, mtime_ns=f.mtime_ns or 0)
+        RawInput(
+            schema.sample_key(f.path[len(loc.path) :].lstrip("/")),
+            schema.UNLABELED,
+            loc.uri_of(f.path),
+            path=f.path,
+            size=f.size,
+            mtime_ns=f.mtime_ns or 0,
+        )
         for f in files
     ]
     return unique_keys(inputs)
@@ -115,15 +124,23 @@ def detect_layout(loc: storage.Location, rel: list[str], extensions) -> str:
 
 def imagefolder(loc: storage.Location, files, classes: list[str] | None) -> Discovery:
     """`<root>/<class>/<file>`: the folder names the class; nested deeper folders are errors."""
-    rels = [f.path[len(loc.path):].lstrip("/") for f in files]
+    rels = [f.path[len(loc.path) :].lstrip("/") for f in files]
     deep = [r for r in rels if r.count("/") != 1]
     if deep:
-        raise ValueError(f"{loc.uri}: imagefolder layout wants <class>/<file>, found {deep[0]!r}; fix the tree or set prepare.layout")
+        raise ValueError(
+            f"{loc.uri}: imagefolder layout wants <class>/<file>, found {deep[0]!r}; fix the tree or set prepare.layout"
+        )
     found = sorted({r.split("/", 1)[0] for r in rels})
     classes = _check_classes(loc, classes, found, "class folder")
     index = {c: i for i, c in enumerate(classes)}
     inputs = [
-        _file_input(loc, f, r, index.get(r.split("/", 1)[0], -1), f"class folder {r.split('/', 1)[0]!r} is not in prepare.classes")
+        _file_input(
+            loc,
+            f,
+            r,
+            index.get(r.split("/", 1)[0], -1),
+            f"class folder {r.split('/', 1)[0]!r} is not in prepare.classes",
+        )
         for f, r in zip(files, rels)
     ]
     return Discovery("imagefolder", classes, unique_keys(inputs))
@@ -133,7 +150,7 @@ def _flat(loc: storage.Location, files, label_pattern: str, classes: list[str] |
     pattern = re.compile(label_pattern)
     if "label" not in pattern.groupindex:
         raise ValueError(f"prepare.label_pattern {label_pattern!r} needs a named group (?P<label>...)")
-    rels = [f.path[len(loc.path):].lstrip("/") for f in files]
+    rels = [f.path[len(loc.path) :].lstrip("/") for f in files]
     labels = [_match_label(pattern, r) for r in rels]
     found = sorted({lab for lab in labels if lab})
     labelled = sum(1 for lab in labels if lab)
@@ -147,16 +164,24 @@ def _flat(loc: storage.Location, files, label_pattern: str, classes: list[str] |
     index = {c: i for i, c in enumerate(classes)}
     inputs = []
     for f, r, lab in zip(files, rels, labels):
-        problem = f"file name does not match prepare.label_pattern {label_pattern!r}" if not lab else f"label {lab!r} is not in prepare.classes"
+        problem = (
+            f"file name does not match prepare.label_pattern {label_pattern!r}"
+            if not lab
+            else f"label {lab!r} is not in prepare.classes"
+        )
         inputs.append(_file_input(loc, f, r, index.get(lab, -1) if lab else -1, problem))
     return Discovery("flat", classes, unique_keys(inputs))
 
 
 def _cifar10(loc: storage.Location, files) -> Discovery:
     by_name = {f.path.rsplit("/", 1)[-1]: f for f in files}
-    meta = _unpickle(storage.read_bytes(storage.Location(loc.fs, by_name[CIFAR_META].path, loc.uri_of(by_name[CIFAR_META].path))))
+    meta = _unpickle(
+        storage.read_bytes(storage.Location(loc.fs, by_name[CIFAR_META].path, loc.uri_of(by_name[CIFAR_META].path)))
+    )
     classes = [c.decode() if isinstance(c, bytes) else c for c in meta[b"label_names"]]
-    batches = sorted(n for n in by_name if n.startswith("data_batch_")) + (["test_batch"] if "test_batch" in by_name else [])
+    batches = sorted(n for n in by_name if n.startswith("data_batch_")) + (
+        ["test_batch"] if "test_batch" in by_name else []
+    )
     images, inputs = [], []
     for name in batches:
         info = by_name[name]
@@ -165,7 +190,16 @@ def _cifar10(loc: storage.Location, files) -> Discovery:
         split = "test" if name == "test_batch" else SPLIT_FREE
         start = sum(len(a) for a in images)
         for i, label in enumerate(batch[b"labels"]):
-            inputs.append(RawInput(f"{name}_{i:05d}", int(label), f"{loc.uri_of(info.path)}#{i}", size=png_size_bound((32, 32, 3)), index=start + i, split=split))
+            inputs.append(
+                RawInput(
+                    f"{name}_{i:05d}",
+                    int(label),
+                    f"{loc.uri_of(info.path)}#{i}",
+                    size=png_size_bound((32, 32, 3)),
+                    index=start + i,
+                    split=split,
+                )
+            )
         images.append(data)
     return Discovery("cifar10", classes, inputs, images=np.concatenate(images))
 
@@ -184,7 +218,16 @@ def _mnist(loc: storage.Location, files) -> Discovery:
         start = sum(len(a) for a in images)
         uri = loc.uri_of(img_file.path)
         for i, label in enumerate(labels):
-            inputs.append(RawInput(f"{prefix}_{i:05d}", int(label), f"{uri}#{i}", size=png_size_bound(pixels[0].shape), index=start + i, split=split))
+            inputs.append(
+                RawInput(
+                    f"{prefix}_{i:05d}",
+                    int(label),
+                    f"{uri}#{i}",
+                    size=png_size_bound(pixels[0].shape),
+                    index=start + i,
+                    split=split,
+                )
+            )
         images.append(pixels)
     if not images:
         raise ValueError(f"{loc.uri}: no MNIST pair train-images-idx3-ubyte / train-labels-idx1-ubyte found")
@@ -199,7 +242,12 @@ def png_size_bound(shape: tuple[int, ...]) -> int:
 
 def _file_input(loc: storage.Location, info, rel: str, label: int, problem: str) -> RawInput:
     return RawInput(
-        schema.sample_key(rel), label, loc.uri_of(info.path), path=info.path, size=info.size, mtime_ns=info.mtime_ns or 0,
+        schema.sample_key(rel),
+        label,
+        loc.uri_of(info.path),
+        path=info.path,
+        size=info.size,
+        mtime_ns=info.mtime_ns or 0,
         problem="" if label >= 0 else problem,
     )
 

@@ -70,7 +70,9 @@ def eligible_nodes(cfg: LoaderConfig, nodes: list[dict]) -> list[dict]:
         return alive
     cpu_only = [n for n in alive if not n["Resources"].get("GPU", 0)]
     if not cpu_only:
-        raise ValueError("loader.cpu_only_nodes is set, but every node of the cluster has GPUs; add CPU-only nodes or unset it")
+        raise ValueError(
+            "loader.cpu_only_nodes is set, but every node of the cluster has GPUs; add CPU-only nodes or unset it"
+        )
     return cpu_only
 
 
@@ -200,7 +202,12 @@ class TrainInput:
                 **placement,
             )
         size = actor_count(self.loader, nodes, self.held_cpus if not self.loader.cpu_only_nodes else 0.0)
-        log.info("augmentation actors: %d x %g CPU%s", size, self.loader.actor_cpus, f", on nodes {selector}" if selector else "")
+        log.info(
+            "augmentation actors: %d x %g CPU%s",
+            size,
+            self.loader.actor_cpus,
+            f", on nodes {selector}" if selector else "",
+        )
         return ds.map_batches(
             AugmentWorker,
             fn_constructor_kwargs={"transform": transform, "epoch": epoch, "errors": self.errors},

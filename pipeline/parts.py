@@ -256,7 +256,10 @@ def verify_parts(out: storage.Location, units: Sequence[Unit]) -> dict:
             or info.metadata.get("unit_digest", "") != unit.digest
         ):
             raise ValueError(
-                f"{info.path}: holds {info.rows} rows + {len(info.rejects)} rejects of unit {info.metadata.get('unit')}, expected {unit.count} of {unit.name} ({unit.digest or 'no digest'}, it has {info.metadata.get('unit_digest') or 'none'}); delete it and rerun"
+                f"{info.path}: holds {info.rows} rows + {len(info.rejects)} rejects of unit "
+                f"{info.metadata.get('unit')}, expected {unit.count} of {unit.name} "
+                f"({unit.digest or 'no digest'}, it has {info.metadata.get('unit_digest') or 'none'}); "
+                "delete it and rerun"
             )
     keys = read_parts(out, paths, [schema.KEY]).column(schema.KEY) if paths else pa.array([], pa.string())
     unique = len(pc.unique(keys)) if len(keys) else 0
@@ -336,7 +339,8 @@ def _previous_units(
         changed = sorted(n for n, d in previous.get("units", {}).items() if now.get(n) != d)
         if changed:
             differs.append(
-                f"the content of {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} (was the input changed or prepared again?)"
+                f"the content of {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} (was the input "
+                "changed or prepared again?)"
             )
         if not differs:
             return previous.get("units", {})

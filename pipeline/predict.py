@@ -17,9 +17,9 @@ import torch
 from pipeline import report, schema, storage
 from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig
 from pipeline.features import Embedder, model_actor_plan, stream_units
-from pipeline.parts import Batch, PartSink, plan_run, read_parts, verify_parts, write_errors, write_run_file
 from pipeline.heads import create_head, load_head
 from pipeline.models import ResolvedWeights, resolve_weights
+from pipeline.parts import Batch, PartSink, plan_run, read_parts, verify_parts, write_errors, write_run_file
 from pipeline.preprocessing import Preprocessing
 from pipeline.sources import open_images
 
@@ -100,7 +100,8 @@ def resolve_model(
             or (info.get("weights_digest") or weights.digest) != weights.digest
         ):
             raise ValueError(
-                f"{head_uri}: the head was trained on features of {info['backbone']} {info['weights']} ({info.get('weights_digest')}, "
+                f"{head_uri}: the head was trained on features of {info['backbone']} {info['weights']} "
+                f"({info.get('weights_digest')}, "
                 f"{info['preprocessing']}); those weights now give {weights.digest}, {weights.preprocessing.to_dict()}"
             )
         return (
@@ -113,7 +114,8 @@ def resolve_model(
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
     if weights.categories is None:
         raise ValueError(
-            f"{model_cfg.backbone} with weights {weights.weights} has no trained classifier; set classify.head to a train-head output, or use pretrained weights"
+            f"{model_cfg.backbone} with weights {weights.weights} has no trained classifier; set classify.head "
+            "to a train-head output, or use pretrained weights"
         )
     return weights, None, list(weights.categories), f"{weights.backbone} ({weights.weights}) own classifier", ""
 

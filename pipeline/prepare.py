@@ -35,7 +35,13 @@ def run(cfg: PrepareConfig, storage_cfg: StorageConfig) -> dict:
         raise ValueError("prepare needs prepare.source and prepare.output (URIs or local paths)")
     src, out = storage.resolve(cfg.source, storage_cfg), storage.resolve(cfg.output, storage_cfg)
     found = discover(src, cfg.layout, [e.lower() for e in cfg.extensions], cfg.label_pattern, cfg.classes)
-    log.info("prepare: %s layout, %d inputs in %d classes, %d non-image files ignored", found.layout, len(found.inputs), len(found.classes), len(found.ignored))
+    log.info(
+        "prepare: %s layout, %d inputs in %d classes, %d non-image files ignored",
+        found.layout,
+        len(found.inputs),
+        len(found.classes),
+        len(found.ignored),
+    )
     inputs = found.inputs
     unusable = [{"source": i.source, "reason": i.problem} for i in inputs if i.problem]
     splits = assign_splits([i for i in inputs if not i.problem], cfg.split, cfg.seed, cfg.keep_source_test)
@@ -49,8 +55,15 @@ def run(cfg: PrepareConfig, storage_cfg: StorageConfig) -> dict:
     rejects = sorted(unusable + [r for res in results for r in res["rejects"]], key=lambda r: r["source"])
     storage.write_bytes(out.join("errors.jsonl"), "".join(json.dumps(r) + "\n" for r in rejects).encode())
     manifest = build_manifest(
-        source=src.uri, layout=found.layout, seed=cfg.seed, ratios=cfg.split, classes=found.classes,
-        results=results, inputs=len(inputs), rejected=len(rejects), ignored=found.ignored,
+        source=src.uri,
+        layout=found.layout,
+        seed=cfg.seed,
+        ratios=cfg.split,
+        classes=found.classes,
+        results=results,
+        inputs=len(inputs),
+        rejected=len(rejects),
+        ignored=found.ignored,
     )
     _check_counts(manifest, cfg.max_reject_fraction, out)
     _remove_stale_shards(out, manifest)
@@ -59,7 +72,9 @@ def run(cfg: PrepareConfig, storage_cfg: StorageConfig) -> dict:
     return manifest
 
 
-def assign_splits(inputs: list[RawInput], ratios: dict[str, float], seed: int, keep_source_test: bool) -> dict[str, list[RawInput]]:
+def assign_splits(
+    inputs: list[RawInput], ratios: dict[str, float], seed: int, keep_source_test: bool
+) -> dict[str, list[RawInput]]:
     """Split each class by `ratios` (seeded, largest split first), then shuffle each split so
     shards mix classes. Inputs whose split the dataset fixes (a source test set) keep it."""
     fixed = [i for i in inputs if i.split != SPLIT_FREE and keep_source_test]
@@ -89,7 +104,9 @@ def assign_splits(inputs: list[RawInput], ratios: dict[str, float], seed: int, k
     return {name: out[name] for name in SPLITS if out.get(name)}
 
 
-def write_all(plans: list[ShardPlan], src_fs, out: storage.Location, classes: list[str], max_pixels: int, images) -> list[dict]:
+def write_all(
+    plans: list[ShardPlan], src_fs, out: storage.Location, classes: list[str], max_pixels: int, images
+) -> list[dict]:
     """Write every shard as Ray Data work, one task per shard, with a progress bar of inputs."""
     images_ref = ray.put(images) if images is not None else None
     rows = [{"plan": pickle.dumps(p)} for p in plans]
@@ -138,7 +155,7 @@ def _remove_stale_shards(out: storage.Location, manifest: dict) -> None:
     except storage.StorageError:
         return
     for info in existing:
-        name = info.path[len(out.path):].lstrip("/")
+        name = info.path[len(out.path) :].lstrip("/")
         if schema.SHARD_FILE.fullmatch(name) and name not in keep:
             out.fs.delete_file(info.path)
             log.info("prepare: removed %s left by an earlier run", out.uri_of(info.path))

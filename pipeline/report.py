@@ -36,7 +36,11 @@ def classification_metrics(labels: np.ndarray, topk: np.ndarray, classes: Sequen
     keep = labels >= 0
     labels, topk = labels[keep], np.asarray(topk)[keep].reshape(int(keep.sum()), -1)
     k = min(k, topk.shape[1], len(classes))
-    cm = confusion_matrix(labels, topk[:, 0], len(classes)) if len(labels) else np.zeros((len(classes),) * 2, dtype=np.int64)
+    cm = (
+        confusion_matrix(labels, topk[:, 0], len(classes))
+        if len(labels)
+        else np.zeros((len(classes),) * 2, dtype=np.int64)
+    )
     support = cm.sum(axis=1)
     per_class = {
         name: {"accuracy": (float(cm[i, i] / support[i]) if support[i] else None), "support": int(support[i])}
@@ -65,7 +69,11 @@ def plot_history(history: list[dict]) -> bytes:
     loss_ax, acc_ax = fig.subplots(1, 2)
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         loss_ax.plot(epochs, [h[key] for h in history], label=label)
-    for key, label in (("train_top1", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "validation top-5")):
+    for key, label in (
+        ("train_top1", "train top-1"),
+        ("val_top1", "validation top-1"),
+        ("val_top5", "validation top-5"),
+    ):
         acc_ax.plot(epochs, [h[key] for h in history], label=label)
     best = min(history, key=lambda h: h["val_loss"])["epoch"]
     for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
@@ -93,7 +101,15 @@ def plot_confusion(cm: np.ndarray | list, classes: Sequence[str], title: str = "
         for i in range(n):
             for j in range(n):
                 if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if rates[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)

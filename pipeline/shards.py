@@ -57,7 +57,9 @@ class ShardPlan:
     inputs: tuple[RawInput, ...]
 
 
-def plan_shards(split: str, inputs: list[RawInput], max_samples: int, max_bytes: int, classes: list[str]) -> list[ShardPlan]:
+def plan_shards(
+    split: str, inputs: list[RawInput], max_samples: int, max_bytes: int, classes: list[str]
+) -> list[ShardPlan]:
     """Cut a split's (already shuffled) inputs into shards by sample count and tar size."""
     plans, current, size = [], [], TAR_TAIL
     for item in inputs:
@@ -72,7 +74,9 @@ def plan_shards(split: str, inputs: list[RawInput], max_samples: int, max_bytes:
     return [ShardPlan(f"{split}-{n:06d}", split, tuple(p)) for n, p in enumerate(plans)]
 
 
-def write_shard(plan: ShardPlan, src_fs, out: storage.Location, classes: list[str], max_pixels: int, images: np.ndarray | None) -> dict:
+def write_shard(
+    plan: ShardPlan, src_fs, out: storage.Location, classes: list[str], max_pixels: int, images: np.ndarray | None
+) -> dict:
     """Read, check and write one shard; returns its manifest entry plus its rejects."""
     with ThreadPoolExecutor(READ_THREADS) as pool:
         checked = list(pool.map(lambda item: _load_sample(item, src_fs, max_pixels, images), plan.inputs))
@@ -141,7 +145,18 @@ def _sample_meta(item: RawInput, class_name: str, width: int, height: int) -> by
     return json.dumps(meta, sort_keys=True).encode()
 
 
-def build_manifest(*, source: str, layout: str, seed: int, ratios: dict, classes: list[str], results: list[dict], inputs: int, rejected: int, ignored: list[str]) -> dict:
+def build_manifest(
+    *,
+    source: str,
+    layout: str,
+    seed: int,
+    ratios: dict,
+    classes: list[str],
+    results: list[dict],
+    inputs: int,
+    rejected: int,
+    ignored: list[str],
+) -> dict:
     """The manifest of DESIGN.md: per split, shards with counts and sha256, per-class counts."""
     splits: dict[str, dict] = {}
     for r in sorted(results, key=lambda r: r["path"]):

@@ -78,7 +78,9 @@ class ImageSource:
         if not units:
             raise ValueError(f"{self.location.uri}: nothing to read (no units selected)")
         # Each item carries its own unit, so a task receives only the paths it reads.
-        items = [{"name": u.name, "paths": list(u.paths), "labels": list(u.labels), "keys": list(u.keys)} for u in units]
+        items = [
+            {"name": u.name, "paths": list(u.paths), "labels": list(u.labels), "keys": list(u.keys)} for u in units
+        ]
         loc = self.location
         reader = _read_shard if self.kind == "shards" else _read_files
         read = functools.partial(reader, fs=loc.fs, uri=loc.uri, root=loc.path)
@@ -108,16 +110,22 @@ def open_images(
     listed = storage.list_files(loc)
     files = [f for f in listed if _extension(f.path) in extensions]
     if not files:
-        if any(schema.SHARD_FILE.fullmatch(f.path[len(loc.path):].lstrip("/")) for f in listed):
-            raise ValueError(f"{uri}: shards but no {MANIFEST}: the last `imgpipe prepare` into it did not finish; run it again")
+        if any(schema.SHARD_FILE.fullmatch(f.path[len(loc.path) :].lstrip("/")) for f in listed):
+            raise ValueError(
+                f"{uri}: shards but no {MANIFEST}: the last `imgpipe prepare` into it did not finish; run it again"
+            )
         raise ValueError(f"{uri}: no image files ({', '.join(extensions)}) under this prefix")
-    depths = {f.path[len(loc.path):].lstrip("/").count("/") for f in files}
+    depths = {f.path[len(loc.path) :].lstrip("/").count("/") for f in files}
     if kind == "imagefolder" or (kind == "auto" and depths == {1}):
         found = layouts.imagefolder(loc, files, None)
         source = _raw_source(loc, "imagefolder", tuple(found.classes), found.inputs, chunk_size)
         if kind == "auto":
-            log.info("%s: every image is one folder deep: read as an ImageFolder, %d classes from the folder names "
-                     "(source_kind=images reads them unlabelled)", uri, len(found.classes))
+            log.info(
+                "%s: every image is one folder deep: read as an ImageFolder, %d classes from the folder names "
+                "(source_kind=images reads them unlabelled)",
+                uri,
+                len(found.classes),
+            )
     else:
         source = _raw_source(loc, "images", None, layouts.unlabelled(loc, files), chunk_size)
     return source.select(splits)
@@ -127,7 +135,10 @@ def _open_shards(loc: storage.Location) -> ImageSource:
     manifest = json.loads(storage.read_bytes(loc.join(MANIFEST)))
     units = [
         Unit(
-            posixpath.basename(s["path"]).removesuffix(".tar"), split, s["samples"], (posixpath.join(loc.path, s["path"]),),
+            posixpath.basename(s["path"]).removesuffix(".tar"),
+            split,
+            s["samples"],
+            (posixpath.join(loc.path, s["path"]),),
             digest=f"sha256:{s['sha256']}" if s.get("sha256") else "",
         )
         for split, info in manifest["splits"].items()
@@ -142,8 +153,12 @@ def _raw_source(loc, kind, classes, inputs: list, chunk_size: int) -> ImageSourc
         chunk = inputs[start : start + chunk_size]
         units.append(
             Unit(
-                f"chunk-{n:06d}", RAW_SPLIT, len(chunk),
-                tuple(i.path for i in chunk), tuple(i.label for i in chunk), tuple(i.key for i in chunk),
+                f"chunk-{n:06d}",
+                RAW_SPLIT,
+                len(chunk),
+                tuple(i.path for i in chunk),
+                tuple(i.label for i in chunk),
+                tuple(i.key for i in chunk),
                 _chunk_digest(chunk),
             )
         )
@@ -159,7 +174,7 @@ def _chunk_digest(chunk: list) -> str:
 
 def _read_files(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
     for path, label, key in zip(unit["paths"], unit["labels"], unit["keys"]):
-        rel = path[len(root):].lstrip("/")
+        rel = path[len(root) :].lstrip("/")
         row = _row(key, b"", int(label), f"{uri}/{rel}", unit["name"], "")
         try:
             row[schema.IMAGE] = storage.read_bytes(storage.Location(fs, path, row[schema.SOURCE]))
@@ -172,7 +187,7 @@ def _read_files(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
 
 def _read_shard(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
     path = unit["paths"][0]
-    shard_uri = f"{uri}/{path[len(root):].lstrip('/')}"
+    shard_uri = f"{uri}/{path[len(root) :].lstrip('/')}"
     # A shard that is missing or not a tar fails the job: the prepared dataset is damaged, and
     # its samples cannot even be named as rejects.
     try:
@@ -180,7 +195,9 @@ def _read_shard(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
     except storage.StorageUnavailable:
         raise
     except storage.StorageError as exc:
-        raise storage.StorageError(f"{exc}. The prepared dataset {uri} is incomplete: run `imgpipe prepare` again") from None
+        raise storage.StorageError(
+            f"{exc}. The prepared dataset {uri} is incomplete: run `imgpipe prepare` again"
+        ) from None
     samples: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -189,7 +206,9 @@ def _read_shard(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
                     key, ext = _split_member(member.name)
                     samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     except tarfile.TarError as exc:
-        raise ValueError(f"{shard_uri}: not a readable tar ({exc}); the shard is damaged: run `imgpipe prepare` again") from None
+        raise ValueError(
+            f"{shard_uri}: not a readable tar ({exc}); the shard is damaged: run `imgpipe prepare` again"
+        ) from None
     for key, parts in samples.items():
         ext = next((e for e in parts if e in IMAGE_EXTENSIONS), None)
         label, error = _shard_label(parts.get("cls"))

@@ -92,6 +92,7 @@ def list_files(loc: Location) -> list[pafs.FileInfo]:
 
 def read_bytes(loc: Location) -> bytes:
     """The whole object, as stored (no decompression by file extension)."""
+
     def read() -> bytes:
         with loc.fs.open_input_stream(loc.path, compression=None) as f:
             return f.read()
@@ -101,6 +102,7 @@ def read_bytes(loc: Location) -> bytes:
 
 def write_bytes(loc: Location, data: bytes) -> None:
     """Write an object in one go (one PUT on S3, so readers never see half of it)."""
+
     def write() -> None:
         if is_local(loc):
             loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
@@ -191,10 +193,14 @@ def _region(cfg: StorageConfig) -> str:
 
 
 @lru_cache(maxsize=None)
-def _s3(endpoint: str | None, region: str, anonymous: bool, max_attempts: int = 5,
-        retry_seconds: float = 60.0) -> pafs.S3FileSystem:
-    kwargs: dict = {"region": region, "anonymous": anonymous,
-                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)}
+def _s3(
+    endpoint: str | None, region: str, anonymous: bool, max_attempts: int = 5, retry_seconds: float = 60.0
+) -> pafs.S3FileSystem:
+    kwargs: dict = {
+        "region": region,
+        "anonymous": anonymous,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+    }
     if endpoint:
         scheme, _, host = endpoint.rpartition("://")
         kwargs.update(endpoint_override=host or endpoint, scheme=scheme or "https")
@@ -228,7 +234,7 @@ def _gcs(anonymous: bool) -> pafs.GcsFileSystem:
 def _uri_for(base_uri: str, base_path: str, path: str) -> str:
     if not path.startswith(base_path):
         return path
-    return base_uri + path[len(base_path):]
+    return base_uri + path[len(base_path) :]
 
 
 def _write_local_atomic(path: str, data: bytes) -> None:

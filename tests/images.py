@@ -9,7 +9,9 @@ import numpy as np
 from PIL import Image
 
 
-def jpeg_bytes(width: int = 48, height: int = 32, seed: int = 0, color: tuple | None = None, quality: int = 90) -> bytes:
+def jpeg_bytes(
+    width: int = 48, height: int = 32, seed: int = 0, color: tuple | None = None, quality: int = 90
+) -> bytes:
     """A small JPEG: a colour (class signal) plus noise (so images differ)."""
     rng = np.random.default_rng(seed)
     base = np.array(color if color is not None else rng.integers(0, 256, 3), dtype=np.int16)
@@ -57,7 +59,9 @@ def write_imagefolder(root: Path, per_class: dict[str, int], size=(48, 32), seed
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(count):
             p = root / name / f"{name}_{i:04d}.jpg"
-            p.write_bytes(jpeg_bytes(*size, seed=seed * 100_000 + c * 10_000 + i, color=CLASS_COLORS[c % len(CLASS_COLORS)]))
+            p.write_bytes(
+                jpeg_bytes(*size, seed=seed * 100_000 + c * 10_000 + i, color=CLASS_COLORS[c % len(CLASS_COLORS)])
+            )
             paths.append(p)
     return paths
 
@@ -86,13 +90,22 @@ def prepare_without_ray(source: str, output: str, shard_max_samples: int) -> dic
     src, out = storage.resolve(source), storage.resolve(output)
     found = discover(src, "imagefolder", cfg.extensions, cfg.label_pattern, None)
     splits = assign_splits(found.inputs, cfg.split, cfg.seed, False)
-    plans = [p for split, items in splits.items()
-             for p in plan_shards(split, items, shard_max_samples, 2**30, found.classes)]
+    plans = [
+        p for split, items in splits.items() for p in plan_shards(split, items, shard_max_samples, 2**30, found.classes)
+    ]
     results = [write_shard(p, src.fs, out, found.classes, cfg.max_pixels, None) for p in plans]
     rejected = sum(len(r["rejects"]) for r in results)
-    manifest = build_manifest(source=src.uri, layout=found.layout, seed=cfg.seed, ratios=cfg.split,
-                              classes=found.classes, results=results, inputs=len(found.inputs), rejected=rejected,
-                              ignored=[])
+    manifest = build_manifest(
+        source=src.uri,
+        layout=found.layout,
+        seed=cfg.seed,
+        ratios=cfg.split,
+        classes=found.classes,
+        results=results,
+        inputs=len(found.inputs),
+        rejected=rejected,
+        ignored=[],
+    )
     storage.write_bytes(out.join("classes.json"), json.dumps({"classes": found.classes}).encode())
     storage.write_bytes(out.join("manifest.json"), json.dumps(manifest).encode())
     return manifest
@@ -124,7 +137,9 @@ def exif_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
     return encode(img, "JPEG", quality=95, exif=exif.tobytes())
 
 
-def write_shards(root: Path, splits: dict[str, list[tuple[str, bytes, int]]], per_shard: int, classes: list[str]) -> dict:
+def write_shards(
+    root: Path, splits: dict[str, list[tuple[str, bytes, int]]], per_shard: int, classes: list[str]
+) -> dict:
     """A prepared dataset as `imgpipe prepare` lays it out: `<split>-NNNNNN.tar` WebDataset shards
     of (key, image bytes, label) samples, `<key>.jpg` + `<key>.cls`, and manifest.json."""
     import hashlib
@@ -142,7 +157,9 @@ def write_shards(root: Path, splits: dict[str, list[tuple[str, bytes, int]]], pe
             with wds.TarWriter(str(root / name), encoder=False) as tar:
                 for key, data, label in chunk:
                     tar.write({"__key__": key, "jpg": data, "cls": str(label).encode()})
-            shards.append({"path": name, "samples": len(chunk), "sha256": hashlib.sha256((root / name).read_bytes()).hexdigest()})
+            shards.append(
+                {"path": name, "samples": len(chunk), "sha256": hashlib.sha256((root / name).read_bytes()).hexdigest()}
+            )
         manifest["splits"][split] = {"shards": shards, "samples": len(samples)}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return manifest
@@ -152,8 +169,14 @@ def photo_jpeg(width: int = 500, height: int = 375, seed: int = 0, quality: int 
     """A JPEG that compresses like a photo (smooth colour fields, texture, sensor noise), for
     benchmarks: pure noise decodes slower, and flat colour faster, than real photos."""
     rng = np.random.default_rng(seed)
-    field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+    field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
     texture = rng.normal(0, 40, (height // 4 + 1, width // 4 + 1, 3)) + 128
-    texture = Image.fromarray(np.clip(texture, 0, 255).astype(np.uint8)).resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(field, np.float32) + np.asarray(texture, np.float32) - 128 + rng.normal(0, 4, (height, width, 3))
+    texture = Image.fromarray(np.clip(texture, 0, 255).astype(np.uint8)).resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
+    pixels = (
+        np.asarray(field, np.float32) + np.asarray(texture, np.float32) - 128 + rng.normal(0, 4, (height, width, 3))
+    )
     return encode(np.clip(pixels, 0, 255).astype(np.uint8), "JPEG", quality=quality)

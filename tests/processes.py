@@ -16,8 +16,13 @@ from pathlib import Path
 from typing import Iterator
 
 RAY = str(Path(sys.executable).parent / "ray")
-SIDE_PORTS = ("ray-client-server", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
-              "metrics-export")
+SIDE_PORTS = (
+    "ray-client-server",
+    "dashboard-agent-listen",
+    "dashboard-agent-grpc",
+    "runtime-env-agent",
+    "metrics-export",
+)
 
 
 def free_port() -> int:
@@ -58,15 +63,31 @@ def ray_head(env: dict[str, str], num_cpus: int = 2, dashboard_port: int | None 
     else none); yields the GCS port and stops the head by its PID."""
     port = free_port()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dashboard = [f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1"] if dashboard_port else [
-        "--include-dashboard=false"]
+    dashboard = (
+        [f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1"]
+        if dashboard_port
+        else ["--include-dashboard=false"]
+    )
     # Fixed default ports (the dashboard agent's 52365, the client server's 10001) collide with any
     # other Ray on the machine, and a head whose agent cannot bind never accepts a job.
     ports = [f"--{name}-port={free_port()}" for name in SIDE_PORTS]
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
-         "--node-ip-address=127.0.0.1", *dashboard, *ports],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--num-cpus={num_cpus}",
+            f"--temp-dir={temp}",
+            "--node-ip-address=127.0.0.1",
+            *dashboard,
+            *ports,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
     )
     try:
         # 120 s: on a loaded 2-core machine a head's dashboard was seen to take over 60.

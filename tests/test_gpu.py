@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import devices, schema
+from pipeline import devices
 from pipeline.config import ModelConfig, StorageConfig
 
 pytestmark = pytest.mark.gpu
@@ -54,6 +54,7 @@ def test_the_gpu_embedder_pads_to_a_fixed_batch_through_a_pinned_buffer_and_matc
 @pytest.mark.timeout(300)
 def test_a_short_features_run_on_the_gpu(ray_session, tmp_path):
     from images import write_imagefolder
+
     from pipeline import features
     from pipeline.config import FeaturesConfig
 
@@ -70,6 +71,7 @@ def test_a_short_features_run_on_the_gpu(ray_session, tmp_path):
 @pytest.mark.timeout(600)
 def test_one_epoch_of_fine_tuning_on_the_gpu(ray_session, tmp_path):
     from images import CLASS_COLORS, jpeg_bytes, write_shards
+
     from pipeline import finetune
     from pipeline.config import build_config
 

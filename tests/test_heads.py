@@ -29,7 +29,9 @@ def _blobs(n_per_class: int, dim: int = 24, seed: int = 0, spread: float = 1.0):
     return x, y
 
 
-def _write_features(out: storage.Location, splits: dict[str, tuple[np.ndarray, np.ndarray]], per_part: int = 40) -> None:
+def _write_features(
+    out: storage.Location, splits: dict[str, tuple[np.ndarray, np.ndarray]], per_part: int = 40
+) -> None:
     """Parts and features.json exactly as `features.run` writes them (same sink), without Ray."""
     dim = next(iter(splits.values()))[0].shape[1]
     units, batches = [], []
@@ -38,10 +40,26 @@ def _write_features(out: storage.Location, splits: dict[str, tuple[np.ndarray, n
             unit = Unit(f"{split}-{n:06d}", split, len(y[start : start + per_part]), ())
             units.append(unit)
             keys = np.array([f"{split}/{i}" for i in range(start, start + unit.count)], dtype=object)
-            batches.append({schema.KEY: keys, schema.LABEL: y[start : start + unit.count], schema.SOURCE: keys, schema.SHARD: np.array([unit.name] * unit.count, dtype=object),
-                            schema.ERROR: np.array([""] * unit.count, dtype=object), schema.EMBEDDING: x[start : start + unit.count]})
+            batches.append(
+                {
+                    schema.KEY: keys,
+                    schema.LABEL: y[start : start + unit.count],
+                    schema.SOURCE: keys,
+                    schema.SHARD: np.array([unit.name] * unit.count, dtype=object),
+                    schema.ERROR: np.array([""] * unit.count, dtype=object),
+                    schema.EMBEDDING: x[start : start + unit.count],
+                }
+            )
     prep = {"crop_size": 224, "resize_size": 256, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
-    meta = {"backbone": "efficientnet_lite0", "weights": "test", "preprocessing": json.dumps(prep), "dim": str(dim), "dtype": "float16", "classes": json.dumps(CLASSES), "source": "test"}
+    meta = {
+        "backbone": "efficientnet_lite0",
+        "weights": "test",
+        "preprocessing": json.dumps(prep),
+        "dim": str(dim),
+        "dtype": "float16",
+        "classes": json.dumps(CLASSES),
+        "source": "test",
+    }
     sink = parts.PartSink(out, units, features.features_table(dim, "float16"), meta)
     for batch in batches:
         sink.add(batch)
@@ -90,7 +108,9 @@ def test_mlp_head_with_class_weights_learns_imbalanced_data():
     weights = heads.class_weights(y, 3)
     totals = weights.numpy() * np.bincount(y)
     assert np.allclose(totals, len(y) / 3) and weights[2] == pytest.approx(8 * weights[0])
-    cfg = HeadConfig(kind="mlp", hidden=16, dropout=0.2, epochs=60, patience=60, lr=3e-3, batch_size=32, class_weighting=True)
+    cfg = HeadConfig(
+        kind="mlp", hidden=16, dropout=0.2, epochs=60, patience=60, lr=3e-3, batch_size=32, class_weighting=True
+    )
     (xt, yt), (xv, yv) = heads.stratified_holdout(x, y, 0.2, seed=0)
     assert np.bincount(yv).tolist() == [16, 16, 2] and len(yt) + len(yv) == len(y)
     head, spec, history, _ = heads.train_head({"train": (xt, yt), "val": (xv, yv)}, 3, cfg)
@@ -113,16 +133,27 @@ def test_train_head_job_on_s3_writes_head_metrics_and_plots(s3, bucket):
     assert metrics["test"]["top3"] == 1.0 and metrics["test"]["per_class"]["bee"] == {"accuracy": 1.0, "support": 15}
 
     objects = {o["Key"]: o for o in s3.list_objects_v2(Bucket=bucket, Prefix="head/")["Contents"]}
-    assert set(objects) == {f"head/{n}" for n in ("head.pt", "head.json", "metrics.json", "curves.png", "confusion.png")}
+    assert set(objects) == {
+        f"head/{n}" for n in ("head.pt", "head.json", "metrics.json", "curves.png", "confusion.png")
+    }
     for png in ("curves.png", "confusion.png"):
         assert s3.get_object(Bucket=bucket, Key=f"head/{png}")["Body"].read()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads(s3.get_object(Bucket=bucket, Key="head/head.json")["Body"].read())
-    assert info["architecture"]["kind"] == "linear" and info["classes"] == CLASSES and info["backbone"] == "efficientnet_lite0"
+    assert (
+        info["architecture"]["kind"] == "linear"
+        and info["classes"] == CLASSES
+        and info["backbone"] == "efficientnet_lite0"
+    )
     assert info["preprocessing"]["interpolation"] == "bicubic" and info["features"]["dim"] == 24
     state = torch.load(io.BytesIO(s3.get_object(Bucket=bucket, Key="head/head.pt")["Body"].read()), weights_only=True)
     assert set(state) == {"0.mean", "0.std", "1.weight", "1.bias"} and tuple(state["1.weight"].shape) == (3, 24)
     saved = json.loads(s3.get_object(Bucket=bucket, Key="head/metrics.json")["Body"].read())
-    assert [h["epoch"] for h in saved["history"]] == list(range(1, 51)) and {"train_loss", "val_loss", "val_top1", "val_top5"} <= set(saved["history"][0])
+    assert [h["epoch"] for h in saved["history"]] == list(range(1, 51)) and {
+        "train_loss",
+        "val_loss",
+        "val_top1",
+        "val_top5",
+    } <= set(saved["history"][0])
 
     head, loaded = heads.load_head(f"s3://{bucket}/head")
     _, topk = heads.evaluate(head, *_blobs(10, seed=9))
@@ -132,7 +163,9 @@ def test_train_head_job_on_s3_writes_head_metrics_and_plots(s3, bucket):
 def test_incomplete_features_are_refused(tmp_path):
     out = storage.Location(pafs.LocalFileSystem(), str(tmp_path / "f"), str(tmp_path / "f"))
     parts.write_run_file(out, features.RUN_FILE, {"dim": "4"}, None)
-    with pytest.raises(ValueError, match=r"these features are incomplete \(an interrupted run\); run `imgpipe features` again"):
+    with pytest.raises(
+        ValueError, match=r"these features are incomplete \(an interrupted run\); run `imgpipe features` again"
+    ):
         heads.run(HeadConfig(features=str(tmp_path / "f"), output=str(tmp_path / "h")), StorageConfig())
     with pytest.raises(ValueError, match=r"no features.json; point head.features at the output of `imgpipe features`"):
         heads.run(HeadConfig(features=str(tmp_path), output=str(tmp_path / "h")), StorageConfig())
@@ -155,4 +188,7 @@ def test_epoch_rows_report_train_top5_and_summaries_handle_top1_only():
     top1_only = report.classification_metrics(np.array([0, 1, 2, 2]), np.array([[0], [1], [1], [2]]), CLASSES, k=1)
     assert set(k for k in top1_only if k.startswith("top")) == {"top1"}
     assert report.accuracy_text(top1_only) == "top-1 75.00%"
-    assert report.accuracy_text(report.classification_metrics(np.array([0, 1]), np.array([[0, 1], [0, 1]]), CLASSES, k=2)) == "top-1 50.00%  top2 100.00%"
+    assert (
+        report.accuracy_text(report.classification_metrics(np.array([0, 1]), np.array([[0, 1], [0, 1]]), CLASSES, k=2))
+        == "top-1 50.00%  top2 100.00%"
+    )

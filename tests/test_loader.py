@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from images import encode, gradient_array, write_shards
+
 from pipeline import schema
 from pipeline.augment import build_eval_transform, build_train_transform
 from pipeline.config import AugmentConfig, LoaderConfig
@@ -127,7 +127,11 @@ def test_every_worker_gets_the_same_number_of_batches(ray_session, dataset_dir):
     @ray.remote(num_cpus=0.25)
     def train_worker(epoch: int, rank: int) -> list[tuple[list[str], tuple, list[int]]]:
         return [
-            (list(b[schema.KEY]), b[schema.PIXELS].shape, b[schema.PIXELS].reshape(len(b[schema.KEY]), -1).sum(1).tolist())
+            (
+                list(b[schema.KEY]),
+                b[schema.PIXELS].shape,
+                b[schema.PIXELS].reshape(len(b[schema.KEY]), -1).sum(1).tolist(),
+            )
             for b in worker_batches(splits, LOADER, epoch, rank)
         ]
 
@@ -150,13 +154,17 @@ def test_eval_rows_are_not_augmented_and_each_comes_once(ray_session, dataset_di
     ray = ray_session
     source = open_images(str(dataset_dir))
     # Pinning by node label: here, to the one local node.
-    pinned = LOADER.model_copy(update={"actor_labels": {"ray.io/node-id": f"in({ray.get_runtime_context().get_node_id()})"}})
+    pinned = LOADER.model_copy(
+        update={"actor_labels": {"ray.io/node-id": f"in({ray.get_runtime_context().get_node_id()})"}}
+    )
     train_input = TrainInput(source.select(["train"]), PREP, AUGMENT, pinned, val=source.select(["val"]))
     splits = epoch_splits(train_input, world_size=2)
 
     @ray.remote(num_cpus=0.25)
     def eval_worker(rank: int) -> dict[str, np.ndarray]:
-        return {k: p for b in worker_eval_batches(splits, pinned, 0, rank) for k, p in zip(b[schema.KEY], b[schema.PIXELS])}
+        return {
+            k: p for b in worker_eval_batches(splits, pinned, 0, rank) for k, p in zip(b[schema.KEY], b[schema.PIXELS])
+        }
 
     parts = ray.get([eval_worker.remote(r) for r in range(2)])
     assert sorted(k for part in parts for k in part) == [f"val{i:03d}" for i in range(6)]  # each once

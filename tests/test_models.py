@@ -32,7 +32,13 @@ def test_lite0_package_weights_classify_real_photos():
     assert backbone.dim == 1280 and backbone.classifier.out_features == 1000
     assert backbone.info.weights == models.LITE0_PACKAGE and backbone.info.digest == "efficientnet-lite0-57934424.pth"
     prep = backbone.preprocessing
-    assert (prep.crop_size, prep.resize_size, prep.interpolation, prep.mean, prep.std) == (224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    assert (prep.crop_size, prep.resize_size, prep.interpolation, prep.mean, prep.std) == (
+        224,
+        256,
+        "bicubic",
+        (0.5,) * 3,
+        (0.5,) * 3,
+    )
     batch = {
         schema.KEY: np.array(["china", "flower"], dtype=object),
         schema.IMAGE: np.array([_photo("china.jpg"), _photo("flower.jpg")], dtype=object),
@@ -48,9 +54,13 @@ def test_lite0_package_weights_classify_real_photos():
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown backbone 'resnet5'; known: .*efficientnet_lite0.*resnet18, resnet34, resnet50"):
+    with pytest.raises(
+        ValueError, match=r"unknown backbone 'resnet5'; known: .*efficientnet_lite0.*resnet18, resnet34, resnet50"
+    ):
         models.resolve_weights("resnet5")
-    with pytest.raises(ValueError, match=r"unknown weights 'IMAGENET1K_V9' for resnet50; known: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"):
+    with pytest.raises(
+        ValueError, match=r"unknown weights 'IMAGENET1K_V9' for resnet50; known: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"
+    ):
         models.resolve_weights("resnet50", "IMAGENET1K_V9")
     with pytest.raises(ValueError, match=r"unknown weights 'IMAGENET1K_V2' for efficientnet_lite0; known: DEFAULT"):
         models.resolve_weights("efficientnet_lite0", "IMAGENET1K_V2")
@@ -60,7 +70,12 @@ def test_preprocessing_comes_from_the_weights():
     b4, v2s, r18 = (models.default_preprocessing(n) for n in ("efficientnet_b4", "efficientnet_v2_s", "resnet18"))
     assert (b4.crop_size, b4.resize_size, b4.interpolation) == (380, 384, "bicubic")
     assert (v2s.crop_size, v2s.resize_size, v2s.interpolation) == (384, 384, "bilinear")
-    assert (r18.crop_size, r18.resize_size, r18.interpolation, r18.mean) == (224, 256, "bilinear", (0.485, 0.456, 0.406))
+    assert (r18.crop_size, r18.resize_size, r18.interpolation, r18.mean) == (
+        224,
+        256,
+        "bilinear",
+        (0.485, 0.456, 0.406),
+    )
 
 
 def test_offline_download_fails_with_how_to_provide_the_weights(monkeypatch, tmp_path):
@@ -89,7 +104,16 @@ def test_state_dict_from_object_storage_with_sidecar(s3, bucket):
     buf = io.BytesIO()
     torch.save(arch.state_dict(), buf)
     s3.put_object(Bucket=bucket, Key="ft/model.pt", Body=buf.getvalue())
-    sidecar = {"classes": list("abcdefg"), "preprocessing": {"crop_size": 192, "resize_size": 220, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3}}
+    sidecar = {
+        "classes": list("abcdefg"),
+        "preprocessing": {
+            "crop_size": 192,
+            "resize_size": 220,
+            "interpolation": "bicubic",
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+        },
+    }
     s3.put_object(Bucket=bucket, Key="ft/model.json", Body=json.dumps(sidecar).encode())
 
     loaded = models.load_backbone("mobilenet_v3_small", f"s3://{bucket}/ft/model.pt")
@@ -104,7 +128,9 @@ def test_state_dict_from_object_storage_with_sidecar(s3, bucket):
 
 
 def test_bad_weights_paths_say_what_to_do(s3, bucket, tmp_path):
-    with pytest.raises(models.WeightsUnavailable, match=rf"weights file s3://{bucket}/nope.pt does not exist; give a local or s3://"):
+    with pytest.raises(
+        models.WeightsUnavailable, match=rf"weights file s3://{bucket}/nope.pt does not exist; give a local or s3://"
+    ):
         models.resolve_weights("resnet18", f"s3://{bucket}/nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(models.WeightsUnavailable, match=r"junk.pt is not a loadable state dict"):

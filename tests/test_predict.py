@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from images import bad_files, upload_tree, write_imagefolder
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from images import bad_files, upload_tree, write_imagefolder
 from pipeline import features, heads, predict, schema, storage
 from pipeline.config import ClassifyConfig, FeaturesConfig, HeadConfig, ModelConfig, PrepareConfig, StorageConfig
 from pipeline.prepare import run as prepare
@@ -22,7 +22,9 @@ pytestmark = pytest.mark.timeout(300)
 
 def _read_predictions(s3, bucket: str, prefix: str):
     loc = storage.resolve(f"s3://{bucket}")
-    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"] if o["Key"].endswith(".parquet"))
+    keys = sorted(
+        o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"] if o["Key"].endswith(".parquet")
+    )
     return [pq.read_table(loc.fs.open_input_file(f"{bucket}/{k}")) for k in keys]
 
 
@@ -30,11 +32,22 @@ def test_classify_labelled_shards_with_a_trained_head(ray_session, s3, bucket, t
     write_imagefolder(tmp_path / "raw", {"blue": 10, "green": 10, "red": 10})
     upload_tree(s3, bucket, tmp_path / "raw", "raw")
     data, storage_cfg = f"s3://{bucket}/prepared", StorageConfig()
-    prepare(PrepareConfig(source=f"s3://{bucket}/raw", output=data, split={"train": 0.6, "val": 0.2, "test": 0.2}, shard_max_samples=8), storage_cfg)
-    features.run(ModelConfig(), FeaturesConfig(source=data, output=f"s3://{bucket}/feats", splits=["train", "val"]), storage_cfg)
-    heads.run(HeadConfig(features=f"s3://{bucket}/feats", output=f"s3://{bucket}/head", epochs=40, lr=1e-2), storage_cfg)
+    prepare(
+        PrepareConfig(
+            source=f"s3://{bucket}/raw", output=data, split={"train": 0.6, "val": 0.2, "test": 0.2}, shard_max_samples=8
+        ),
+        storage_cfg,
+    )
+    features.run(
+        ModelConfig(), FeaturesConfig(source=data, output=f"s3://{bucket}/feats", splits=["train", "val"]), storage_cfg
+    )
+    heads.run(
+        HeadConfig(features=f"s3://{bucket}/feats", output=f"s3://{bucket}/head", epochs=40, lr=1e-2), storage_cfg
+    )
 
-    cfg = ClassifyConfig(source=data, output=f"s3://{bucket}/preds", head=f"s3://{bucket}/head", splits=["test"], batch_size=4)
+    cfg = ClassifyConfig(
+        source=data, output=f"s3://{bucket}/preds", head=f"s3://{bucket}/head", splits=["test"], batch_size=4
+    )
     # model.* names another backbone: with a head, the head's own backbone is used.
     result = predict.run(ModelConfig(backbone="resnet18"), cfg, storage_cfg)
     assert (result["inputs"], result["rows"], result["rejected"]) == (6, 6, 0)
@@ -48,7 +61,9 @@ def test_classify_labelled_shards_with_a_trained_head(ray_session, s3, bucket, t
     rows = table.to_pylist()
     assert all(r["pred_class"] == r["key"].split("/")[0] == ["blue", "green", "red"][r["label"]] for r in rows)
     assert all(len(r["topk"]) == 3 and r["topk"][0] == r["pred"] and r["topk_prob"][0] == r["prob"] for r in rows)
-    assert all(r["topk_prob"] == sorted(r["topk_prob"], reverse=True) and abs(sum(r["topk_prob"]) - 1) < 1e-4 for r in rows)
+    assert all(
+        r["topk_prob"] == sorted(r["topk_prob"], reverse=True) and abs(sum(r["topk_prob"]) - 1) < 1e-4 for r in rows
+    )
     summary = json.loads(s3.get_object(Bucket=bucket, Key="preds/predictions.json")["Body"].read())
     assert summary["complete"] and summary["metrics"]["test"]["top1"] == 1.0
     assert s3.get_object(Bucket=bucket, Key="preds/confusion.png")["Body"].read()[:4] == b"\x89PNG"
@@ -83,6 +98,8 @@ def test_classify_unlabelled_prefix_with_the_imagenet_classifier(ray_session, s3
 def test_classify_refuses_a_backbone_without_a_classifier(ray_session, tmp_path):
     write_imagefolder(tmp_path / "raw", {"a": 1})
     cfg = ClassifyConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "out"))
-    with pytest.raises(ValueError, match=r"mobilenet_v3_small with weights none has no trained classifier; set classify.head"):
+    with pytest.raises(
+        ValueError, match=r"mobilenet_v3_small with weights none has no trained classifier; set classify.head"
+    ):
         predict.run(ModelConfig(backbone="mobilenet_v3_small", weights="none"), cfg, StorageConfig())
     assert not np.any([p.suffix == ".parquet" for p in tmp_path.rglob("*")])

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-
 from images import bad_files, bomb_png, jpeg_bytes, upload_tree, write_imagefolder
+
 from pipeline.config import PrepareConfig, StorageConfig
 from pipeline.layouts import RawInput
 from pipeline.prepare import PrepareError, run
@@ -53,7 +53,13 @@ def test_local_imagefolder_counts_rejects_and_readable_shards(ray_session, folde
     assert manifest["inputs"] == 65 and manifest["samples"] == 60 and manifest["rejected"] == 5
     errors = read_errors(out / "errors.jsonl")
     reasons = {Path(e["source"]).name: e["reason"] for e in errors}
-    assert set(reasons) == {"bad_empty.jpg", "bad_truncated.jpg", "bad_not_an_image.jpg", "bad_garbage_header.jpg", "huge.png"}
+    assert set(reasons) == {
+        "bad_empty.jpg",
+        "bad_truncated.jpg",
+        "bad_not_an_image.jpg",
+        "bad_garbage_header.jpg",
+        "huge.png",
+    }
     assert "empty" in reasons["bad_empty.jpg"] and "truncated" in reasons["bad_truncated.jpg"]
     assert "not an image" in reasons["bad_not_an_image.jpg"] and "over the limit" in reasons["huge.png"]
     assert manifest["ignored_files"]["count"] == 1
@@ -61,7 +67,7 @@ def test_local_imagefolder_counts_rejects_and_readable_shards(ray_session, folde
 
     shards = [(split, s) for split, info in manifest["splits"].items() for s in info["shards"]]
     assert sum(s["samples"] for _, s in shards) == 60
-    for split, shard in shards:
+    for _, shard in shards:
         data = (out / shard["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == shard["sha256"]
         with tarfile.open(out / shard["path"]) as tar:
@@ -104,12 +110,21 @@ def test_split_is_stratified_disjoint_and_deterministic(ray_session, tmp_path):
 
 def test_s3_to_s3(ray_session, s3, bucket, folder_with_bad, tmp_path):
     n = upload_tree(s3, bucket, folder_with_bad, "raw")
-    manifest = prepare(f"s3://{bucket}/raw", f"s3://{bucket}/prepared", shard_max_samples=25, max_pixels=4_000_000, max_reject_fraction=0.2)
+    manifest = prepare(
+        f"s3://{bucket}/raw",
+        f"s3://{bucket}/prepared",
+        shard_max_samples=25,
+        max_pixels=4_000_000,
+        max_reject_fraction=0.2,
+    )
 
     assert n == 66 and manifest["inputs"] == 65 and manifest["samples"] == 60 and manifest["rejected"] == 5
     listed = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="prepared/")["Contents"]}
     assert {"prepared/manifest.json", "prepared/classes.json", "prepared/errors.jsonl"} <= listed
-    errors = [json.loads(line) for line in s3.get_object(Bucket=bucket, Key="prepared/errors.jsonl")["Body"].read().splitlines()]
+    errors = [
+        json.loads(line)
+        for line in s3.get_object(Bucket=bucket, Key="prepared/errors.jsonl")["Body"].read().splitlines()
+    ]
     assert len(errors) == 5 and all(e["source"].startswith(f"s3://{bucket}/raw/") for e in errors)
     total = 0
     for info in manifest["splits"].values():
@@ -175,7 +190,9 @@ def test_mnist_idx_files(ray_session, tmp_path):
         header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28))
         (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + pixels.tobytes()))
         labels = np.arange(n, dtype=np.uint8) % 10
-        (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + labels.tobytes()))
+        (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + labels.tobytes())
+        )
     manifest = prepare(root, tmp_path / "out", split={"train": 0.9, "val": 0.1})
 
     assert manifest["layout"] == "mnist" and manifest["classes"] == [str(d) for d in range(10)]
@@ -187,7 +204,9 @@ def test_too_many_rejects_fails_with_the_errors_written(ray_session, tmp_path):
     write_imagefolder(root, {"a": 4, "b": 4})
     for name, data in bad_files().items():
         (root / "a" / f"{name}.jpg").write_bytes(data)
-    with pytest.raises(PrepareError, match=r"4 of 12 inputs \(33.3%\) were rejected, over prepare.max_reject_fraction=0.1"):
+    with pytest.raises(
+        PrepareError, match=r"4 of 12 inputs \(33.3%\) were rejected, over prepare.max_reject_fraction=0.1"
+    ):
         prepare(root, tmp_path / "out", max_reject_fraction=0.1)
     assert len(read_errors(tmp_path / "out" / "errors.jsonl")) == 4
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -213,12 +232,19 @@ def test_rerun_with_bigger_shards_removes_stale_ones(ray_session, tmp_path):
 def test_cli_wrong_config_key_is_one_line_listing_valid_keys(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.prepare", "--set", "prepare.shard_size=3"],
-        capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        timeout=60,
     )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert "unknown config key 'prepare.shard_size'" in lines[0] and "shard_max_samples" in lines[0] and "label_pattern" in lines[0]
+    assert (
+        "unknown config key 'prepare.shard_size'" in lines[0]
+        and "shard_max_samples" in lines[0]
+        and "label_pattern" in lines[0]
+    )
 
 
 def _keys(out: Path, info: dict) -> set[str]:
@@ -259,7 +285,11 @@ def test_flat_default_pattern_wants_label_dot_id(ray_session, tmp_path):
     camera.mkdir()
     for i in range(25):
         (camera / f"IMG_{i:04d}.jpg").write_bytes(jpeg_bytes(seed=i))
-    with pytest.raises(ValueError, match=r"label_pattern '\^\(\?P<label>\[\^\.\]\+\)\\\\\.' gives 25 classes for 25 files .* captures more than the class"):
+    with pytest.raises(
+        ValueError,
+        match=r"label_pattern '\^\(\?P<label>\[\^\.\]\+\)\\\\\.' gives 25 classes for 25 files "
+        r".* captures more than the class",
+    ):
         prepare(camera, tmp_path / "out2", layout="flat", label_pattern=r"^(?P<label>[^.]+)\.")
 
 
@@ -275,17 +305,25 @@ def test_a_failed_rerun_leaves_no_manifest_behind(ray_session, tmp_path):
     # The shards were rewritten; the old manifest would vouch for them: it is gone, and so is classes.json.
     assert not (out / "manifest.json").exists() and not (out / "classes.json").exists()
     assert len(read_errors(out / "errors.jsonl")) == 4
-    with pytest.raises(ValueError, match=r"shards but no manifest.json: the last `imgpipe prepare` into it did not finish"):
+    with pytest.raises(
+        ValueError, match=r"shards but no manifest.json: the last `imgpipe prepare` into it did not finish"
+    ):
         open_images(str(out))
 
 
 def test_the_tar_size_estimate_is_an_upper_bound():
     """Long and non-ASCII names take pax headers, JSON escapes non-ASCII: none may break the bound."""
     names = ["a/short", "b/" + "x" * 120, "c/кот_" + "ж" * 30, "d/" + "y" * 700]
-    items = [RawInput(key, 0, f"s3://bucket/raw/{key}é.jpg", size=size) for key in names for size in (0, 1, 511, 513, 4000)]
+    items = [
+        RawInput(key, 0, f"s3://bucket/raw/{key}é.jpg", size=size) for key in names for size in (0, 1, 511, 513, 4000)
+    ]
     for n in range(1, len(items) + 1):
         buf = io.BytesIO()
         with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
             for item in items[:n]:
-                tar.write(_member(item, ["ünïcode class"], {"ext": "jpeg", "data": b"x" * item.size, "width": 123456, "height": 7}))
+                tar.write(
+                    _member(
+                        item, ["ünïcode class"], {"ext": "jpeg", "data": b"x" * item.size, "width": 123456, "height": 7}
+                    )
+                )
         assert len(buf.getvalue()) <= TAR_TAIL + sum(sample_tar_bytes(i, "ünïcode class") for i in items[:n])

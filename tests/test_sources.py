@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from images import jpeg_bytes, upload_tree, write_imagefolder
+
 from pipeline import schema
 from pipeline.config import PrepareConfig, StorageConfig
 from pipeline.prepare import run as prepare
@@ -15,7 +15,9 @@ pytestmark = pytest.mark.timeout(180)
 
 def test_prepared_shards_one_split_or_all(ray_session, tmp_path):
     write_imagefolder(tmp_path / "raw", {"a": 10, "b": 10})
-    manifest = prepare(PrepareConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "out"), shard_max_samples=6), StorageConfig())
+    manifest = prepare(
+        PrepareConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "out"), shard_max_samples=6), StorageConfig()
+    )
 
     source = open_images(str(tmp_path / "out"))
     assert source.kind == "shards" and source.classes == ("a", "b") and source.count == 20
@@ -84,9 +86,13 @@ def test_one_folder_deep_prefix_reads_as_classes_or_unlabelled_on_request(tmp_pa
 def test_units_carry_what_they_hold(ray_session, tmp_path):
     """A unit's digest is its content: the shard's sha256, or the listing of its files."""
     write_imagefolder(tmp_path / "raw", {"a": 4, "b": 4})
-    manifest = prepare(PrepareConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "out"), shard_max_samples=3), StorageConfig())
+    manifest = prepare(
+        PrepareConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "out"), shard_max_samples=3), StorageConfig()
+    )
     sha = {s["path"].removesuffix(".tar"): s["sha256"] for info in manifest["splits"].values() for s in info["shards"]}
-    assert {u.name: u.digest for u in open_images(str(tmp_path / "out")).units} == {n: f"sha256:{h}" for n, h in sha.items()}
+    assert {u.name: u.digest for u in open_images(str(tmp_path / "out")).units} == {
+        n: f"sha256:{h}" for n, h in sha.items()
+    }
 
     before = open_images(str(tmp_path / "raw"), chunk_size=5).units
     assert [u.digest for u in before] == [u.digest for u in open_images(str(tmp_path / "raw"), chunk_size=5).units]

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from images import prepare_without_ray, upload_tree, write_imagefolder
+from processes import free_port, wait_for_port
+
 from pipeline import storage
 from pipeline.config import StorageConfig
-from processes import free_port, wait_for_port
 
 ROOT = Path(__file__).parent.parent
 
@@ -33,7 +33,10 @@ def test_s3_round_trip_and_listing(s3, bucket):
     storage.write_bytes(loc.join("a", "x.bin"), b"hello")
     storage.write_bytes(loc.join("b.bin"), b"")
     files = storage.list_files(loc)
-    assert [(loc.uri_of(f.path), f.size) for f in files] == [(f"s3://{bucket}/data/a/x.bin", 5), (f"s3://{bucket}/data/b.bin", 0)]
+    assert [(loc.uri_of(f.path), f.size) for f in files] == [
+        (f"s3://{bucket}/data/a/x.bin", 5),
+        (f"s3://{bucket}/data/b.bin", 0),
+    ]
     assert storage.read_bytes(loc.join("a", "x.bin")) == b"hello"
     assert s3.get_object(Bucket=bucket, Key="data/a/x.bin")["Body"].read() == b"hello"
     assert storage.exists(loc.join("b.bin")) and not storage.exists(loc.join("nope"))
@@ -47,7 +50,9 @@ def test_gzip_objects_are_not_decompressed(tmp_path):
 
 
 def test_missing_bucket_and_prefix(s3, bucket):
-    with pytest.raises(storage.StorageError, match=r"^s3://no-such-bucket-x/p: bucket 'no-such-bucket-x' does not exist"):
+    with pytest.raises(
+        storage.StorageError, match=r"^s3://no-such-bucket-x/p: bucket 'no-such-bucket-x' does not exist"
+    ):
         storage.list_files(storage.resolve("s3://no-such-bucket-x/p"))
     with pytest.raises(storage.StorageError, match=rf"^s3://{bucket}/missing: no such file or prefix"):
         storage.list_files(storage.resolve(f"s3://{bucket}/missing"))
@@ -80,7 +85,9 @@ def test_refused_credentials_are_named_not_printed(tmp_path):
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port, "moto server")
@@ -164,15 +171,24 @@ def _job_through(proxy: FlakyProxy, job: str, *settings: str) -> subprocess.Pope
 
 def _prepare_through(proxy: FlakyProxy, bucket: str, *settings: str) -> subprocess.Popen:
     """`imgpipe prepare` of s3://bucket/raw into s3://bucket/out, through the proxy."""
-    return _job_through(proxy, "prepare", f"prepare.source=s3://{bucket}/raw", f"prepare.output=s3://{bucket}/out",
-                        "prepare.shard_max_samples=3", "ray.num_cpus=2", *settings)
+    return _job_through(
+        proxy,
+        "prepare",
+        f"prepare.source=s3://{bucket}/raw",
+        f"prepare.output=s3://{bucket}/out",
+        "prepare.shard_max_samples=3",
+        "ray.num_cpus=2",
+        *settings,
+    )
 
 
-def _when_first_shard_lands(s3, bucket: str, job: subprocess.Popen, suffix: str = ".tar",
-                            unfinished: str = "out/manifest.json") -> None:
+def _when_first_shard_lands(
+    s3, bucket: str, job: subprocess.Popen, suffix: str = ".tar", unfinished: str = "out/manifest.json"
+) -> None:
     """Wait, looking at the server directly (not through the proxy), until the job has written a shard
     (or a part: `suffix`) under out/, while the file that marks a finished run (`unfinished`) is not there."""
     deadline = time.time() + 120
+
     def shards() -> list:
         listing = s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])
         return [o for o in listing if o["Key"].endswith(suffix)]
@@ -193,17 +209,21 @@ def _fails_in_one_line_while_down(proxy: FlakyProxy, job: subprocess.Popen, name
     # Ray's own log lines (worker warnings) may follow; the job says what went wrong in one line.
     (line,) = [line for line in err.splitlines() if line.startswith("imgpipe ")]
     assert job.returncode == 1 and "Traceback" not in err
-    assert re.fullmatch(rf"imgpipe {name}: s3://{bucket}/\S+: cannot reach the storage endpoint \(.+\), still "
-                        r"failing after 3 s of retries; check that the store is up .+storage\.retry_seconds",
-                        line), line
+    assert re.fullmatch(
+        rf"imgpipe {name}: s3://{bucket}/\S+: cannot reach the storage endpoint \(.+\), still "
+        r"failing after 3 s of retries; check that the store is up .+storage\.retry_seconds",
+        line,
+    ), line
 
 
 def _completes_through_an_outage(proxy: FlakyProxy, job: subprocess.Popen, seconds: float) -> str:
     """Take the store away until the job has met the outage (a retry logged), then `seconds` more, then bring it
     back: the job must retry, say so, and succeed; returns its stdout."""
     lines: dict[str, list[str]] = {"out": [], "err": []}
-    readers = [threading.Thread(target=lambda pipe=pipe, got=got: got.extend(pipe), daemon=True)
-               for pipe, got in ((job.stdout, lines["out"]), (job.stderr, lines["err"]))]
+    readers = [
+        threading.Thread(target=lambda pipe=pipe, got=got: got.extend(pipe), daemon=True)
+        for pipe, got in ((job.stdout, lines["out"]), (job.stderr, lines["err"]))
+    ]
     for reader in readers:
         reader.start()
     proxy.down()
@@ -243,8 +263,7 @@ def test_a_store_failing_for_seconds_mid_job_loses_and_duplicates_nothing(s3, s3
 
 
 @pytest.mark.timeout(300)
-def test_a_store_down_past_the_retry_budget_fails_in_one_line_and_claims_nothing(s3, s3_endpoint, bucket,
-                                                                                  tmp_path):
+def test_a_store_down_past_the_retry_budget_fails_in_one_line_and_claims_nothing(s3, s3_endpoint, bucket, tmp_path):
     write_imagefolder(tmp_path / "raw", {"a": 12, "b": 12}, size=(32, 32))
     upload_tree(s3, bucket, tmp_path / "raw", "raw")
     proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
@@ -257,9 +276,15 @@ def test_a_store_down_past_the_retry_budget_fails_in_one_line_and_claims_nothing
 
 def _features_through(proxy: FlakyProxy, bucket: str, *settings: str) -> subprocess.Popen:
     """`imgpipe features` of s3://bucket/prepared into s3://bucket/out, through the proxy."""
-    return _job_through(proxy, "features", f"features.source=s3://{bucket}/prepared",
-                        f"features.output=s3://{bucket}/out", "features.batch_size=4", "features.decode_batch=4",
-                        *settings)
+    return _job_through(
+        proxy,
+        "features",
+        f"features.source=s3://{bucket}/prepared",
+        f"features.output=s3://{bucket}/out",
+        "features.batch_size=4",
+        "features.decode_batch=4",
+        *settings,
+    )
 
 
 def _prepared_in(bucket: str, tmp_path: Path) -> dict:
@@ -270,8 +295,11 @@ def _prepared_in(bucket: str, tmp_path: Path) -> dict:
 
 def _whole_parts(s3, bucket: str, manifest: dict) -> dict[str, list[str]]:
     """Every part the output holds, read from the server: each a whole Parquet file holding its shard's samples."""
-    counts = {f"{s['path'].split('-')[0]}/part-{s['path'].split('-')[1][:-4]}.parquet": s["samples"]
-              for split in manifest["splits"].values() for s in split["shards"]}
+    counts = {
+        f"{s['path'].split('-')[0]}/part-{s['path'].split('-')[1][:-4]}.parquet": s["samples"]
+        for split in manifest["splits"].values()
+        for s in split["shards"]
+    }
     keys = {}
     for obj in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", []):
         if obj["Key"].endswith(".parquet"):
@@ -300,8 +328,9 @@ def test_features_through_a_store_failing_for_seconds_completes_exactly_once(s3,
 
 
 @pytest.mark.timeout(300)
-def test_features_with_the_store_down_past_the_budget_fails_in_one_line_and_claims_nothing(s3, s3_endpoint,
-                                                                                           bucket, tmp_path):
+def test_features_with_the_store_down_past_the_budget_fails_in_one_line_and_claims_nothing(
+    s3, s3_endpoint, bucket, tmp_path
+):
     manifest = _prepared_in(bucket, tmp_path)
     proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     job = _features_through(proxy, bucket, "storage.retry_seconds=3")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from images import upload_tree, write_imagefolder
-from pipeline import storage
 from processes import RAY, free_port, ray_env, ray_head
+
+from pipeline import storage
 
 ROOT = Path(__file__).parent.parent
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(480)]  # slow when the machine is shared
@@ -64,9 +64,20 @@ def test_prepare_then_features_end_succeeded_with_outputs_in_s3(head, s3, bucket
     write_imagefolder(tmp_path / "raw", {"a": 4, "b": 4, "c": 4}, size=(32, 32))
     upload_tree(s3, bucket, tmp_path / "raw", "raw")
     config = ROOT / "configs" / "prepare-imagefolder.yaml"  # absolute here; relative to the project there
-    proc = imgpipe(head, "submit", "prepare", "--config", str(config), "--set", f"prepare.source=s3://{bucket}/raw",
-                   "--set", f"prepare.output=s3://{bucket}/prepared", "--set", "prepare.shard_max_samples=4",
-                   "--follow")
+    proc = imgpipe(
+        head,
+        "submit",
+        "prepare",
+        "--config",
+        str(config),
+        "--set",
+        f"prepare.source=s3://{bucket}/raw",
+        "--set",
+        f"prepare.output=s3://{bucket}/prepared",
+        "--set",
+        "prepare.shard_max_samples=4",
+        "--follow",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     prepare_id = proc.stdout.splitlines()[0]
     assert re.fullmatch(r"imgpipe-prepare-\d{8}-\d{6}-[0-9a-f]{6}", prepare_id)
@@ -75,9 +86,20 @@ def test_prepare_then_features_end_succeeded_with_outputs_in_s3(head, s3, bucket
     manifest = json.loads(s3.get_object(Bucket=bucket, Key="prepared/manifest.json")["Body"].read())
     assert manifest["samples"] == 12 and manifest["source"] == f"s3://{bucket}/raw"
 
-    proc = imgpipe(head, "submit", "features", "--set", f"features.source=s3://{bucket}/prepared",
-                   "--set", f"features.output=s3://{bucket}/feats", "--set", "model.backbone=efficientnet_lite0",
-                   "--set", "features.batch_size=4", "--follow")
+    proc = imgpipe(
+        head,
+        "submit",
+        "features",
+        "--set",
+        f"features.source=s3://{bucket}/prepared",
+        "--set",
+        f"features.output=s3://{bucket}/feats",
+        "--set",
+        "model.backbone=efficientnet_lite0",
+        "--set",
+        "features.batch_size=4",
+        "--follow",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     features_id = proc.stdout.splitlines()[0]
     assert "inputs 12 = embedded 12 + rejected 0" in proc.stdout
@@ -117,12 +139,15 @@ def test_bad_requests_fail_in_one_line_before_anything_is_sent(head, tmp_path):
     cmd = [sys.executable, "-m", "jobs.cli", "jobs", "list", "--address", f"127.0.0.1:{free_port()}"]
     unreachable = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=head.env, timeout=60)
     assert unreachable.returncode == 2 and len(unreachable.stderr.strip().splitlines()) == 1
-    assert re.match(r"imgpipe jobs: cannot reach the Ray Jobs API at http://127.0.0.1:\d+ \(Connection refused\)",
-                    unreachable.stderr)
+    assert re.match(
+        r"imgpipe jobs: cannot reach the Ray Jobs API at http://127.0.0.1:\d+ \(Connection refused\)",
+        unreachable.stderr,
+    )
     no_token = imgpipe(head, "jobs", "list", env={**head.env, "HOME": str(tmp_path)})
     assert no_token.returncode == 2 and no_token.stderr.strip() == (
         f"imgpipe jobs: {head.url}: the cluster requires its authentication token and no token was found; set "
-        "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or copy it to ~/.ray/auth_token (on the head: ray get-auth-token)")
+        "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or copy it to ~/.ray/auth_token (on the head: ray get-auth-token)"
+    )
     from_env = imgpipe(head, "jobs", "list", env={**head.env, "HOME": str(tmp_path), "RAY_AUTH_TOKEN": head.token})
     assert from_env.returncode == 0 and from_env.stdout.startswith("SUBMISSION ID")
     bad_key = imgpipe(head, "submit", "prepare", "--set", "prepare.shard_size=3")
@@ -136,11 +161,20 @@ def test_bad_requests_fail_in_one_line_before_anything_is_sent(head, tmp_path):
 
 @pytest.mark.parametrize("head", ["disabled"], indirect=True)
 def test_a_failing_job_exits_non_zero_with_its_error_on_a_cluster_without_auth(head, bucket):
-    proc = imgpipe(head, "submit", "features", "--set", f"features.source=s3://{bucket}/nothing-here",
-                   "--set", f"features.output=s3://{bucket}/feats", "--follow")
+    proc = imgpipe(
+        head,
+        "submit",
+        "features",
+        "--set",
+        f"features.source=s3://{bucket}/nothing-here",
+        "--set",
+        f"features.output=s3://{bucket}/feats",
+        "--follow",
+    )
     assert proc.returncode == 1
     job_id = proc.stdout.splitlines()[0]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"imgpipe submit: {job_id} FAILED: imgpipe features: s3://{bucket}/nothing-here: no such file or prefix; "
-        "check the path")
+        "check the path"
+    )
     assert imgpipe(head, "jobs", "status", job_id).stdout.startswith(f"{job_id}: FAILED")
