@@ -49,6 +49,19 @@ def cuda_missing_message(found_driver: str | None, torch_cuda: str | None = torc
     )
 
 
+def assigned_gpus() -> list | None:
+    """The GPU ids Ray gave this task or actor, or None outside one (a driver, a script, a test):
+    nothing was assigned there, so a caller that asks for CUDA gets it when the machine has it.
+    Never starts Ray: `ray.get_gpu_ids()` in a process without Ray would start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray._private.worker import WORKER_MODE, global_worker
+
+    return ray.get_gpu_ids() if global_worker.mode == WORKER_MODE else None
+
+
 def worker_device(use_gpu: bool, gpu_ids: list | None = None) -> torch.device:
     """The device for a worker: CUDA exactly when it was assigned GPUs (`ray.get_gpu_ids()`),
     else CPU. Assigned but unusable is an error, never a silent CPU run."""

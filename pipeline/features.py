@@ -58,7 +58,7 @@ class Embedder:
         torch.set_num_threads(threads)
         if isinstance(weights, ray.ObjectRef):  # fetched once on the driver, shipped through the object store
             weights = ray.get(weights)
-        self.device = devices.worker_device(device == "cuda", ray.get_gpu_ids() if device == "cuda" else None)
+        self.device = devices.worker_device(device == "cuda", devices.assigned_gpus())
         self.autocast = devices.autocast_dtype(precision) if self.device.type == "cuda" else None
         self.model = create_backbone(weights).to(self.device, memory_format=torch.channels_last).eval()
         self.model.requires_grad_(False)

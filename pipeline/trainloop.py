@@ -67,7 +67,7 @@ class FinetuneRunner:
     def __init__(self, spec: LoopSpec, rank: int = 0, world: int = 1):
         self.spec, self.cfg = spec, spec.cfg
         self.rank, self.world = rank, world
-        self.device = devices.worker_device(self.cfg.use_gpu, ray.get_gpu_ids())
+        self.device = devices.worker_device(self.cfg.use_gpu, devices.assigned_gpus())
         if self.device.type == "cuda":
             # Ray Train maps the worker's GPU to a local index; NCCL collectives need it current.
             self.device = ray.train.torch.get_device()

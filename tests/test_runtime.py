@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from images import write_imagefolder
 from processes import ray_env, ray_head
 
@@ -84,3 +83,19 @@ def test_missing_output_and_bad_bucket_are_one_line(tmp_path, s3_endpoint):
 
 def _env() -> dict:
     return ray_env(RAY_AUTH_MODE="disabled")
+
+
+def test_gpu_assignment_is_read_only_inside_ray_workers(ray_session):
+    """A driver (or a plain script) has no assignment: None, so asking for CUDA there uses the
+    machine's GPU; a task given no GPU sees [], which makes use_gpu fail loudly, not run on CPU."""
+    from pipeline import devices
+
+    assert devices.assigned_gpus() is None
+    remote = ray_session.remote(num_cpus=0.1, num_gpus=0)(devices.assigned_gpus)
+    assert ray_session.get(remote.remote(), timeout=60) == []
+
+
+def test_asking_for_the_gpu_assignment_never_starts_ray():
+    code = "import ray; from pipeline import devices; print(devices.assigned_gpus(), ray.is_initialized())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.split() == ["None", "False"], out.stderr
