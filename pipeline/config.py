@@ -101,6 +101,7 @@ class FeaturesConfig(Section):
     dtype: Literal["float16", "float32"] = "float16"  # of the stored embeddings
     actors: Optional[int] = Field(default=None, ge=1)  # None: one per GPU, else sized from the cluster's CPUs
     overwrite: bool = False  # output of another run (other input/model/dtype) there: replace it, don't refuse
+    cpu_only_nodes: bool = False  # reads, decoding and CPU model actors only on nodes without GPUs
 
 
 class HeadConfig(Section):
@@ -134,6 +135,7 @@ class ClassifyConfig(Section):
     decode_batch: int = Field(default=64, ge=1)  # rows per decode task block
     actors: Optional[int] = Field(default=None, ge=1)
     overwrite: bool = False  # predictions of another run (other input/model/head) there: replace them, don't refuse
+    cpu_only_nodes: bool = False  # reads, decoding and CPU model actors only on nodes without GPUs
 
 
 class AugmentConfig(Section):

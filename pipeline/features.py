@@ -106,12 +106,23 @@ class Embedder:
         return {schema.EMBEDDING: full}
 
 
-def model_actor_plan(model_cfg: ModelConfig, requested: int | None, rows: int, batch_size: int) -> ActorPlan:
-    """The connected cluster's plan for `rows` inputs in model batches of `batch_size`."""
-    single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
+def model_actor_plan(
+    model_cfg: ModelConfig, requested: int | None, rows: int, batch_size: int, cpu_only: str | None = None
+) -> ActorPlan:
+    """The connected cluster's plan for `rows` inputs in model batches of `batch_size`, logged in
+    one line; `cpu_only` names the setting that keeps CPU work off GPU nodes, when it is on."""
+    nodes = ray.nodes()
+    single_node = len([n for n in nodes if n["Alive"]]) == 1
     cores = (os.cpu_count() or 1) if single_node else None
-    plan = placement.plan_actors(model_cfg, requested, math.ceil(rows / batch_size), cores)
-    log.info("%s, batch %d", plan.describe(), batch_size)
+    plan = placement.plan_actors(model_cfg, requested, math.ceil(rows / batch_size), cores, cpu_only)
+    where = "CPU-only nodes" if plan.cpu_selector else "any node"
+    log.info(
+        "plan: %s; %s, batch %d; reads + decode: tasks of 1 CPU on %s",
+        placement.describe_cluster(nodes),
+        plan.describe(),
+        batch_size,
+        where,
+    )
     return plan
 
 
@@ -129,9 +140,10 @@ def stream_units(
     """Read `units`, decode on tasks, run `actor` on an actor pool per `plan`, and feed the sink."""
     # A unit is read as one block (up to a whole shard); cut it into decode-sized blocks, so that
     # decoding spreads over tasks and the model actors start on the first batch, not the last.
-    ds = source.dataset(units).repartition(target_num_rows_per_block=decode_batch)
+    cpu_work = plan.cpu_remote_args
+    ds = source.dataset(units, **cpu_work).repartition(target_num_rows_per_block=decode_batch)
     ds = ds.map_batches(
-        augment.build_eval_transform(weights.preprocessing), batch_size=decode_batch, batch_format="numpy"
+        augment.build_eval_transform(weights.preprocessing), batch_size=decode_batch, batch_format="numpy", **cpu_work
     )
     kwargs = {
         "weights": ray.put(weights),
@@ -148,6 +160,7 @@ def stream_units(
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
+        **(cpu_work if plan.device == "cpu" else {}),
     )
     # GPU actors that cannot be placed (a node with too few CPUs for them, GPUs that never come)
     # end the job after a bound instead of leaving it pending for ever.
@@ -192,7 +205,8 @@ def run(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig)
     out = storage.resolve(cfg.output, storage_cfg)
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
     dim = create_backbone(weights).dim
-    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size)
+    cpu_only = "features.cpu_only_nodes" if cfg.cpu_only_nodes else None
+    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size, cpu_only)
     metadata = {
         **{k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in weights.describe().items()},
         "dim": str(dim),

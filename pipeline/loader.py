@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import ray
 
-from pipeline import augment, schema
+from pipeline import augment, placement, schema
 from pipeline.config import AugmentConfig, LoaderConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.preprocessing import Preprocessing
@@ -68,22 +68,15 @@ def eligible_nodes(cfg: LoaderConfig, nodes: list[dict]) -> list[dict]:
     alive = [n for n in nodes if n.get("Alive", True)]
     if not cfg.cpu_only_nodes:
         return alive
-    cpu_only = [n for n in alive if not n["Resources"].get("GPU", 0)]
-    if not cpu_only:
-        raise ValueError(
-            "loader.cpu_only_nodes is set, but every node of the cluster has GPUs; add CPU-only nodes or unset it"
-        )
-    return cpu_only
+    placement.cpu_only_selector(alive, "loader.cpu_only_nodes")  # fails loudly when nothing is left
+    return [n for n in alive if not n["Resources"].get("GPU", 0)]
 
 
 def label_selector(cfg: LoaderConfig, nodes: list[dict]) -> dict[str, str]:
     """Ray node-label selector for the actors: `actor_labels`, plus "no GPU node" if asked."""
-    selector = dict(cfg.actor_labels)
-    gpu_nodes = [n["NodeID"] for n in nodes if n.get("Alive", True) and n["Resources"].get("GPU", 0)]
-    if cfg.cpu_only_nodes and gpu_nodes:
-        eligible_nodes(cfg, nodes)  # fails loudly when nothing is left
-        selector["ray.io/node-id"] = f"!in({','.join(sorted(gpu_nodes))})"
-    return selector
+    if not cfg.cpu_only_nodes:
+        return dict(cfg.actor_labels)
+    return placement.cpu_only_selector(nodes, "loader.cpu_only_nodes", cfg.actor_labels)
 
 
 @ray.remote(num_cpus=0)

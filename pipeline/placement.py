@@ -41,6 +41,12 @@ class ActorPlan:
     device: str  # "cuda" | "cpu"
     precision: str  # "bf16" | "fp16" | "fp32"
     start_wait_s: float = -1  # how long the pool may take to start its first actor; -1: no bound
+    cpu_selector: tuple[tuple[str, str], ...] = ()  # label selector of CPU work (reads, decode, CPU actors)
+
+    @property
+    def cpu_remote_args(self) -> dict:
+        """`ray_remote_args` that place CPU work per the plan: {} (anywhere) or a label selector."""
+        return {"label_selector": dict(self.cpu_selector)} if self.cpu_selector else {}
 
     @property
     def size(self) -> int:
@@ -70,15 +76,19 @@ def plan_model_actors(
     gpus_per_actor: float = 1.0,
     precision: str = "auto",
     cores: int | None = None,
+    cpu_only: str | None = None,
 ) -> ActorPlan:
     """The plan for this node table. `requested` caps the actors, `batches` too (no idle actors);
-    `cores` caps CPU actors (an embedded Ray has more logical CPUs than cores)."""
+    `cores` caps CPU actors (an embedded Ray has more logical CPUs than cores). `cpu_only` (the
+    setting's name, when set) keeps CPU work, CPU model actors included, off the nodes with GPUs."""
     alive = [n for n in nodes if n.get("Alive", True)]
     gpu_nodes = [n for n in alive if n["Resources"].get("GPU", 0) > 0]
     if device == "cuda" and not gpu_nodes:
         raise NoGPUs("model.device=cuda, but the cluster has no GPU")
+    selector = tuple(sorted(cpu_only_selector(alive, cpu_only).items())) if cpu_only else ()
     if device == "cpu" or not gpu_nodes:
-        return _cpu_plan(alive, requested, batches, cores)
+        hosts = [n for n in alive if not n["Resources"].get("GPU", 0)] if selector else alive
+        return replace(_cpu_plan(hosts, requested, batches, cores), cpu_selector=selector)
     slots = sum(int(n["Resources"]["GPU"] // gpus_per_actor) for n in gpu_nodes)
     if slots < 1:
         raise ValueError(
@@ -92,7 +102,8 @@ def plan_model_actors(
         )
     ratio = min(n["Resources"].get("CPU", 0) / n["Resources"]["GPU"] for n in gpu_nodes)
     num_cpus = round(max(0.1, min(1.0, ratio * gpus_per_actor * GPU_CPU_SHARE)), 2)
-    return ActorPlan(1, max(1, top), num_cpus, gpus_per_actor, 1, "cuda", gpu_precision(precision, gpu_nodes))
+    precision = gpu_precision(precision, gpu_nodes)
+    return ActorPlan(1, max(1, top), num_cpus, gpus_per_actor, 1, "cuda", precision, cpu_selector=selector)
 
 
 def _cpu_plan(alive: list[dict], requested: int | None, batches: int | None, cores: int | None) -> ActorPlan:
@@ -110,6 +121,36 @@ def _cpu_plan(alive: list[dict], requested: int | None, batches: int | None, cor
     return ActorPlan(size, size, per_actor, 0.0, threads, "cpu", "fp32")
 
 
+def cpu_only_selector(nodes: list[dict], setting: str, labels: dict[str, str] | None = None) -> dict[str, str]:
+    """A Ray node-label selector (`label_selector` of a task or actor) that keeps CPU work off the
+    nodes with GPUs alive now, plus `labels`; {} when no node has a GPU (nothing to avoid). A
+    cluster whose every node has GPUs fails here in one line naming `setting`, not in a task that
+    waits for ever. GPU nodes that join later are not excluded: label the CPU group (the node
+    labels in cluster/) and select it with `labels` too on an autoscaling cluster."""
+    selector = dict(labels or {})
+    alive = [n for n in nodes if n.get("Alive", True)]
+    gpu_nodes = sorted(n["NodeID"] for n in alive if n["Resources"].get("GPU", 0))
+    if not gpu_nodes:
+        return selector
+    if len(gpu_nodes) == len(alive):
+        raise ValueError(f"{setting} is set, but every node of the cluster has GPUs; add CPU-only nodes or unset it")
+    selector["ray.io/node-id"] = f"!in({','.join(gpu_nodes)})"
+    return selector
+
+
+def describe_cluster(nodes: list[dict]) -> str:
+    """`3 nodes (1 with GPUs): 10 CPUs, 1 GPU` for the plan line."""
+    alive = [n for n in nodes if n.get("Alive", True)]
+    with_gpus = sum(1 for n in alive if n["Resources"].get("GPU", 0))
+    cpus = sum(n["Resources"].get("CPU", 0) for n in alive)
+    gpus = sum(n["Resources"].get("GPU", 0) for n in alive)
+    return f"{_count(len(alive), 'node')} ({with_gpus} with GPUs): {_count(cpus, 'CPU')}, {_count(gpus, 'GPU')}"
+
+
+def _count(n: float, noun: str) -> str:
+    return f"{n:g} {noun}{'' if n == 1 else 's'}"
+
+
 def gpu_precision(requested: str, gpu_nodes: list[dict]) -> str:
     """bf16 where every GPU has fast bf16, fp16 where some do not (auto); else as asked."""
     if requested != "auto":
@@ -118,7 +159,9 @@ def gpu_precision(requested: str, gpu_nodes: list[dict]) -> str:
     return "fp16" if types & PRE_AMPERE else "bf16"
 
 
-def plan_actors(model_cfg, requested: int | None, batches: int | None, cores: int | None) -> ActorPlan:
+def plan_actors(
+    model_cfg, requested: int | None, batches: int | None, cores: int | None, cpu_only: str | None = None
+) -> ActorPlan:
     """`plan_model_actors` for the connected cluster; with `model.device=cuda` and no GPU yet, ask
     the autoscaler for one actor's GPUs and wait up to `model.gpu_wait_s`, then fail in one line."""
     import ray
@@ -130,6 +173,7 @@ def plan_actors(model_cfg, requested: int | None, batches: int | None, cores: in
         gpus_per_actor=model_cfg.gpus_per_actor,
         precision=model_cfg.precision,
         cores=cores,
+        cpu_only=cpu_only,
     )
     try:
         return _bounded(plan_model_actors(ray.nodes(), **kwargs), model_cfg.gpu_wait_s)

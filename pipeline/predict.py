@@ -132,7 +132,8 @@ def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig)
     index = {name: i for i, name in enumerate(classes)}
     label_map = np.array([index.get(c, -1) for c in (source.classes or ())], dtype=np.int64)
     k = min(cfg.top_k, len(classes))
-    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size)
+    cpu_only = "classify.cpu_only_nodes" if cfg.cpu_only_nodes else None
+    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size, cpu_only)
     metadata = {
         "model": model_name,
         "compute": plan.compute,

@@ -72,8 +72,9 @@ class ImageSource:
             raise ValueError(f"{self.location.uri}: no split {unknown}; it has {self.splits}")
         return replace(self, units=tuple(u for u in self.units if u.split in splits))
 
-    def dataset(self, units: Sequence[Unit] | None = None) -> ray.data.Dataset:
-        """A Ray Dataset of the given units (all by default), columns per `schema.IMAGE_SCHEMA`."""
+    def dataset(self, units: Sequence[Unit] | None = None, **ray_remote_args) -> ray.data.Dataset:
+        """A Ray Dataset of the given units (all by default), columns per `schema.IMAGE_SCHEMA`;
+        `ray_remote_args` go to the read tasks (a `label_selector`, say)."""
         units = list(self.units if units is None else units)
         if not units:
             raise ValueError(f"{self.location.uri}: nothing to read (no units selected)")
@@ -84,7 +85,7 @@ class ImageSource:
         loc = self.location
         reader = _read_shard if self.kind == "shards" else _read_files
         read = functools.partial(reader, fs=loc.fs, uri=loc.uri, root=loc.path)
-        return ray.data.from_items(items, override_num_blocks=len(units)).flat_map(read)
+        return ray.data.from_items(items, override_num_blocks=len(units)).flat_map(read, **ray_remote_args)
 
     @property
     def count(self) -> int:

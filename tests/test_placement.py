@@ -46,6 +46,20 @@ def test_a_cpu_actor_never_asks_for_more_cpus_than_one_node_has():
     assert plan.size == 2 and plan.num_cpus == 2
 
 
+def test_cpu_work_can_be_kept_off_gpu_nodes():
+    nodes = [node("head", 1), node("gpu-a", 8, gpus=1), node("cpu-a", 4), node("cpu-b", 4)]
+    on_gpus = plan_model_actors(nodes, cpu_only="features.cpu_only_nodes")
+    assert on_gpus.device == "cuda" and on_gpus.cpu_remote_args == {"label_selector": {"ray.io/node-id": "!in(gpu-a)"}}
+    on_cpus = plan_model_actors(nodes, device="cpu", cpu_only="features.cpu_only_nodes")
+    # sized from the 9 CPUs off the GPU node (7 after the decode share), not from all 17
+    assert (on_cpus.size, on_cpus.num_cpus) == (7, 1.0) and on_cpus.cpu_selector == (("ray.io/node-id", "!in(gpu-a)"),)
+    assert plan_model_actors(nodes, device="cpu").size == 13 and plan_model_actors(nodes).cpu_remote_args == {}
+    assert plan_model_actors([node("laptop", 4)], cpu_only="x", cores=2).cpu_remote_args == {}  # nothing to avoid
+    with pytest.raises(ValueError, match="classify.cpu_only_nodes is set, but every node of the cluster has GPUs"):
+        plan_model_actors([node("gpu-a", 8, gpus=1)], cpu_only="classify.cpu_only_nodes")
+    assert placement.describe_cluster(nodes) == "4 nodes (1 with GPUs): 17 CPUs, 1 GPU"
+
+
 def test_an_8_gpu_node_gets_an_autoscaling_pool_of_gpu_actors():
     nodes = [node("gpu", 64, gpus=8, accelerator="H100")]
     plan = plan_model_actors(nodes)
