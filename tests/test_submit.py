@@ -4,17 +4,20 @@ outputs in the bucket, are listed, followed and stopped, and a failure is one li
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.parquet as pq
 import pytest
-from images import upload_tree, write_imagefolder
+from images import prepare_without_ray, upload_tree, write_imagefolder
 from processes import RAY, free_port, ray_env, ray_head
 
 from pipeline import storage
@@ -34,21 +37,27 @@ class Head:
 
 @pytest.fixture(scope="module")
 def head(request, s3_endpoint, tmp_path_factory):
-    """A 4-CPU head; token auth on (the default, `request.param`) or RAY_AUTH_MODE=disabled.
+    """A 4-CPU head; token auth on (the default, `request.param`) or RAY_AUTH_MODE=disabled."""
+    with started_head(tmp_path_factory.mktemp("home"), getattr(request, "param", "token")) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def started_head(home: Path, mode: str = "token") -> Iterator[Head]:
+    """A head with its token in <home>/.ray/auth_token, where Ray looks (made once per home).
 
     The head has S3 credentials (a node's own AWS chain) but not the endpoint: the jobs reach
     the local S3 server only because `submit` forwards AWS_ENDPOINT_URL from the submitter."""
-    mode = getattr(request, "param", "token")
-    home = tmp_path_factory.mktemp("home")  # the token goes to <home>/.ray/auth_token, where Ray looks
     env = ray_env(HOME=str(home), TQDM_DISABLE="1", RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    if mode == "token":
+    token_file = home / ".ray" / "auth_token"
+    if mode == "token" and not token_file.exists():
         subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60, check=True)
     head_env = {k: v for k, v in env.items() if not k.startswith("AWS_ENDPOINT_URL")}
     if mode == "disabled":
         head_env["RAY_AUTH_MODE"] = "disabled"
     dashboard = free_port()
     with ray_head(head_env, num_cpus=4, dashboard_port=dashboard):
-        token = (home / ".ray" / "auth_token").read_text().strip() if mode == "token" else ""
+        token = token_file.read_text().strip() if mode == "token" else ""
         yield Head(f"http://127.0.0.1:{dashboard}", env, token)
 
 
@@ -178,3 +187,64 @@ def test_a_failing_job_exits_non_zero_with_its_error_on_a_cluster_without_auth(h
         "check the path"
     )
     assert imgpipe(head, "jobs", "status", job_id).stdout.startswith(f"{job_id}: FAILED")
+
+
+def test_a_features_job_resumes_through_submit_after_the_whole_cluster_is_lost(s3_endpoint, s3, bucket, tmp_path):
+    """The cluster goes away mid-job (head, workers and the job's driver, as when every machine is
+    lost); the same `submit` to a new cluster writes only the parts still missing, and the output
+    holds every input exactly once."""
+    write_imagefolder(tmp_path / "raw", {"a": 20, "b": 20}, size=(32, 32))
+    manifest = prepare_without_ray(str(tmp_path / "raw"), f"s3://{bucket}/loss-prepared", 2)
+    n, shards = manifest["samples"], sum(len(split["shards"]) for split in manifest["splits"].values())
+    output = f"s3://{bucket}/loss-feats"
+    job = [
+        "submit",
+        "features",
+        *("--set", f"features.source=s3://{bucket}/loss-prepared"),
+        *("--set", f"features.output={output}"),
+        *("--set", "features.batch_size=2"),
+        *("--set", "features.decode_batch=2"),
+    ]
+    out = storage.resolve(output)
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def parts() -> list[str]:
+        try:
+            return sorted(f.path for f in storage.list_files(out) if f.path.endswith(".parquet"))
+        except storage.StorageError:  # nothing written yet
+            return []
+
+    with started_head(home) as first:
+        sent = imgpipe(first, *job)
+        assert sent.returncode == 0, sent.stderr[-3000:]
+        deadline = time.time() + 240
+        while not parts():
+            assert time.time() < deadline, "no part was written on the first cluster"
+            time.sleep(0.2)
+    _kill_drivers(output)  # the driver's machine is gone too
+    before = parts()
+    assert 0 < len(before) < shards, f"{len(before)} of {shards} parts before the loss"
+
+    with started_head(home) as second:
+        resumed = imgpipe(second, *job, "--follow")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    written = re.search(r"(\d+) parts to write, (\d+) already there", resumed.stdout)
+    assert written and int(written.group(2)) >= len(before), resumed.stdout[-3000:]
+    assert int(written.group(1)) + int(written.group(2)) == shards
+    assert f"inputs {n} = embedded {n} + rejected 0" in resumed.stdout
+    after = parts()
+    assert len(after) == shards and set(before) <= set(after)
+    keys = [k for p in after for k in pq.read_table(p, filesystem=out.fs, columns=["key"]).column("key").to_pylist()]
+    assert len(keys) == len(set(keys)) == n
+    run = json.loads(storage.read_bytes(out.join("features.json")))
+    assert run["complete"] is True and (run["inputs"], run["rows"]) == (n, n)
+
+
+def _kill_drivers(marker: str) -> None:
+    """Kill any job driver left over from a stopped head (its command line names `marker`)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in proc.info["cmdline"] or []) and proc.pid != os.getpid():
+            proc.kill()
