@@ -3,6 +3,7 @@ local Ray for the whole session, sized so that actor pools never starve read tas
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 
@@ -13,6 +14,15 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["TQDM_DISABLE"] = "1"
+# Offline, as our users' clusters often are: no process of the session may reach beyond this
+# machine (tests/offline/sitecustomize.py, loaded by every Python process started from here).
+OFFLINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "offline")
+os.environ["IMGPIPE_OFFLINE"] = "1"
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (OFFLINE, os.environ.get("PYTHONPATH")) if p)
+# This process started before the variables were set: install the guard here by hand.
+_spec = importlib.util.spec_from_file_location("imgpipe_offline", os.path.join(OFFLINE, "sitecustomize.py"))
+_offline = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_offline)
 
 
 @pytest.fixture(scope="session")
