@@ -52,7 +52,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     raw = make_imagefolder(work / "raw", args.images, 10)
-    # On CPU, more logical CPUs than cores, so the pool never starves reads (RAY-NOTES); on a GPU
+    # On CPU, more logical CPUs than cores, so the pool never starves reads (docs/ARCHITECTURE.md, section 6); on a GPU
     # machine one per core: the trainer's share plus decode tasks fill the cores exactly.
     ray.init(
         address="local",

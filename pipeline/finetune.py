@@ -36,7 +36,7 @@ RUN_FILE = "run.json"
 MODEL_FILE = "model.pt"
 MODEL_FORMAT = "imgpipe.model/1"
 TRAIN_DIR = "ray"  # Ray Train's storage for this run: <output>/ray/train/checkpoint_*
-READ_HEADROOM_CPUS = 1.0  # left to read tasks when sizing the augmentation pool (RAY-NOTES: silent starvation)
+READ_HEADROOM_CPUS = 1.0  # CPUs the workers must leave to read tasks (docs/ARCHITECTURE.md, section 6)
 FAULT_ENV = "IMGPIPE_TEST_FAULT"  # tests only: epoch:batch:rank:marker-file
 
 

@@ -108,7 +108,7 @@ def plan_model_actors(
 
 def _cpu_plan(alive: list[dict], requested: int | None, batches: int | None, cores: int | None) -> ActorPlan:
     """Single-threaded actors, one per CPU, after leaving a quarter of the CPUs (one at least) to
-    the read and decode tasks, which otherwise starve while Ray waits for ever (RAY-NOTES).
+    the read and decode tasks, which otherwise starve while Ray waits for ever (docs/ARCHITECTURE.md, section 6).
     Separate actors beat intra-op threads for these small convnets (2 cores, Lite0: 2 actors x 1
     thread 45 img/s, 1 actor x 2 threads 36 img/s)."""
     cpus = int(sum(n["Resources"].get("CPU", 0) for n in alive))

@@ -1,4 +1,4 @@
-"""Column names and Arrow schemas shared by every stage (the data contracts of DESIGN.md)."""
+"""Column names and Arrow schemas shared by every stage (the data contracts: docs/ARCHITECTURE.md, section 3)."""
 
 from __future__ import annotations
 

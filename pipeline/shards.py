@@ -157,7 +157,7 @@ def build_manifest(
     rejected: int,
     ignored: list[str],
 ) -> dict:
-    """The manifest of DESIGN.md: per split, shards with counts and sha256, per-class counts."""
+    """The manifest (docs/ARCHITECTURE.md, section 3): per split, shards with counts and sha256, per-class counts."""
     splits: dict[str, dict] = {}
     for r in sorted(results, key=lambda r: r["path"]):
         info = splits.setdefault(r["split"], {"samples": 0, "classes": {c: 0 for c in classes}, "shards": []})

@@ -63,7 +63,7 @@ def bucket(s3) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session(s3_endpoint):
-    """One local Ray for the session: 4 logical CPUs on 2 cores (see RAY-NOTES.md)."""
+    """One local Ray for the session: 4 logical CPUs on 2 cores (see docs/ARCHITECTURE.md, section 6)."""
     import ray
     from ray.data import DataContext
 

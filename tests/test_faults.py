@@ -24,7 +24,7 @@ ROOT = Path(__file__).parent.parent
 # tests get a pytest process of their own (`pytest -m multinode`, the second half of `make test`).
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(240)]
 
-# Fast failure detection (RAY-NOTES): a node that stops answering is dead after ~1.5 s, not 30 s.
+# Fast failure detection (docs/ARCHITECTURE.md, section 6): a node that stops answering is dead after ~1.5 s, not 30 s.
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_timeout_ms": 500}
 CLASSES = {"a": 74, "b": 73, "c": 73}  # 220 images
 SHARD = 18  # 14 shards over train/val/test
