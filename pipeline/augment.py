@@ -312,7 +312,7 @@ def _apply_op(img: Image.Image, name: str, magnitude: float, rng: random.Random)
     if name == "Posterize":
         return ImageOps.posterize(img, int(magnitude))
     if name == "Solarize":
-        return ImageOps.solarize(img, int(magnitude))
+        return ImageOps.solarize(img, magnitude)  # a float threshold, as torchvision (212.5 keeps 212)
     if name == "AutoContrast":
         return ImageOps.autocontrast(img)
     if name == "Equalize":
