@@ -72,10 +72,23 @@ def test_local_errors(tmp_path):
         storage.resolve("ftp://host/x")
 
 
-def test_explicit_endpoint_from_config(s3_endpoint, s3, bucket):
+def test_explicit_endpoint_and_region_from_config_win_over_the_environment(s3_endpoint, s3, bucket, monkeypatch):
+    """The environment points elsewhere (a closed port, another region): only the settings can make
+    the read work and set the region, so a setting that is ignored fails here."""
     s3.put_object(Bucket=bucket, Key="k/obj", Body=b"1")
-    cfg = StorageConfig(endpoint_url=s3_endpoint, region="us-east-1")
-    assert storage.read_bytes(storage.resolve(f"s3://{bucket}/k/obj", cfg)) == b"1"
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    cfg = StorageConfig(endpoint_url=s3_endpoint, region="eu-west-3", retry_seconds=0)
+    loc = storage.resolve(f"s3://{bucket}/k/obj", cfg)
+    assert storage.read_bytes(loc) == b"1" and loc.fs.region == "eu-west-3"
+    ignored = storage.resolve(f"s3://{bucket}/k/obj", StorageConfig(retry_seconds=0))  # the environment's
+    assert ignored.fs.region == "ap-south-1"
+    with pytest.raises(storage.StorageError, match="cannot reach the storage endpoint"):
+        storage.read_bytes(ignored)
+    monkeypatch.delenv("AWS_REGION")
+    assert storage.resolve(f"s3://{bucket}/k", StorageConfig(endpoint_url=s3_endpoint)).fs.region == "us-east-1"
 
 
 def test_refused_credentials_are_named_not_printed(tmp_path):
