@@ -46,24 +46,23 @@ def test_classify_labelled_shards_with_a_trained_head(ray_session, s3, bucket, t
     )
 
     cfg = ClassifyConfig(
-        source=data, output=f"s3://{bucket}/preds", head=f"s3://{bucket}/head", splits=["test"], batch_size=4
+        source=data, output=f"s3://{bucket}/preds", head=f"s3://{bucket}/head", splits=["test"], batch_size=4, top_k=2
     )
     # model.* names another backbone: with a head, the head's own backbone is used.
     result = predict.run(ModelConfig(backbone="resnet18"), cfg, storage_cfg)
     assert (result["inputs"], result["rows"], result["rejected"]) == (6, 6, 0)
     assert result["model"].startswith("efficientnet_lite0 + head")
     test = result["metrics"]["test"]
-    assert test["samples"] == 6 and test["top1"] == 1.0 and test["top3"] == 1.0
+    assert test["samples"] == 6 and test["top1"] == 1.0 and test["top2"] == 1.0 and "top3" not in test
     assert test["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 2]]
 
     (table,) = _read_predictions(s3, bucket, "preds/test/")
     assert table.schema.remove_metadata() == schema.predictions_schema()
     rows = table.to_pylist()
     assert all(r["pred_class"] == r["key"].split("/")[0] == ["blue", "green", "red"][r["label"]] for r in rows)
-    assert all(len(r["topk"]) == 3 and r["topk"][0] == r["pred"] and r["topk_prob"][0] == r["prob"] for r in rows)
-    assert all(
-        r["topk_prob"] == sorted(r["topk_prob"], reverse=True) and abs(sum(r["topk_prob"]) - 1) < 1e-4 for r in rows
-    )
+    assert all(len(r["topk"]) == 2 and r["topk"][0] == r["pred"] and r["topk_prob"][0] == r["prob"] for r in rows)
+    assert all(r["label"] not in r["topk"][1:] for r in rows)  # right at top-1, so not again below it
+    assert all(r["topk_prob"] == sorted(r["topk_prob"], reverse=True) and sum(r["topk_prob"]) <= 1 + 1e-4 for r in rows)
     summary = json.loads(s3.get_object(Bucket=bucket, Key="preds/predictions.json")["Body"].read())
     assert summary["complete"] and summary["metrics"]["test"]["top1"] == 1.0
     assert s3.get_object(Bucket=bucket, Key="preds/confusion.png")["Body"].read()[:4] == b"\x89PNG"
@@ -103,3 +102,16 @@ def test_classify_refuses_a_backbone_without_a_classifier(ray_session, tmp_path)
     ):
         predict.run(ModelConfig(backbone="mobilenet_v3_small", weights="none"), cfg, StorageConfig())
     assert not np.any([p.suffix == ".parquet" for p in tmp_path.rglob("*")])
+
+
+def test_top_k_metrics_with_k_below_the_class_count():
+    from pipeline import report
+
+    classes = ["a", "b", "c", "d"]
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3, -1])  # the last row is unlabelled: skipped
+    topk = np.array([[0, 1], [2, 1], [3, 0], [1, 2], [0, 3], [1, 0], [2, 3], [0, 1], [3, 2]])
+    metrics = report.classification_metrics(labels, topk, classes, k=2)
+    assert metrics["samples"] == 8 and metrics["top1"] == 4 / 8 and metrics["top2"] == 5 / 8
+    assert "top5" not in metrics and report.accuracy_text(metrics) == "top-1 50.00%  top2 62.50%"
+    assert metrics["per_class"]["b"] == {"accuracy": 0.5, "support": 2}
+    assert metrics["confusion_matrix"][3] == [1, 1, 0, 0]  # d taken for b once, for a once
