@@ -180,3 +180,37 @@ def photo_jpeg(width: int = 500, height: int = 375, seed: int = 0, quality: int 
         np.asarray(field, np.float32) + np.asarray(texture, np.float32) - 128 + rng.normal(0, 4, (height, width, 3))
     )
     return encode(np.clip(pixels, 0, 255).astype(np.uint8), "JPEG", quality=quality)
+
+
+IMAGENET_WNIDS = ("n01440764", "n01443537", "n02102040")  # tench, goldfish, English springer
+
+
+def write_imagenet(root: Path, train_per_class: int = 6, val_per_class: int = 4) -> dict:
+    """ImageNet as distributed (Kaggle's ILSVRC layout), tiny: `ILSVRC/Data/CLS-LOC/train/<wnid>/<wnid>_<n>.JPEG`,
+    a flat `.../val/ILSVRC2012_val_<n>.JPEG`, `LOC_val_solution.csv` (`ImageId,PredictionString`: the wnid, then a
+    box, repeated) and `LOC_synset_mapping.txt`. Three val rows are broken on purpose: one names a missing file,
+    one an unknown wnid, and one file has no row. Returns the paths and the val image ids by wnid."""
+    data = root / "ILSVRC" / "Data" / "CLS-LOC"
+    for c, wnid in enumerate(IMAGENET_WNIDS):
+        (data / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        for i in range(train_per_class):
+            jpeg = jpeg_bytes(40, 32, seed=c * 1000 + i, color=CLASS_COLORS[c])
+            (data / "train" / wnid / f"{wnid}_{i}.JPEG").write_bytes(jpeg)
+    (data / "val").mkdir(parents=True)
+    rows, by_wnid = [], {w: [] for w in IMAGENET_WNIDS}
+    for n in range(val_per_class * len(IMAGENET_WNIDS)):
+        c = n % len(IMAGENET_WNIDS)
+        image_id = f"ILSVRC2012_val_{n + 1:08d}"
+        (data / "val" / f"{image_id}.JPEG").write_bytes(jpeg_bytes(40, 32, seed=50_000 + n, color=CLASS_COLORS[c]))
+        wnid = IMAGENET_WNIDS[c]
+        rows.append(f"{image_id},{wnid} 3 4 30 28 {wnid} 1 1 20 20 ")
+        by_wnid[wnid].append(image_id)
+    rows.append("ILSVRC2012_val_00000090,n01440764 1 2 3 4 ")  # names a file that is not there
+    (data / "val" / "ILSVRC2012_val_00000091.JPEG").write_bytes(jpeg_bytes(40, 32, seed=91))
+    rows.append("ILSVRC2012_val_00000091,n09999999 1 2 3 4 ")  # a wnid that is no class
+    (data / "val" / "ILSVRC2012_val_00000092.JPEG").write_bytes(jpeg_bytes(40, 32, seed=92))  # no row names it
+    rows = sorted(rows)  # the distributed file is not in id order either; sorting is as good a shuffle
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    names = ("tench, Tinca tinca", "goldfish, Carassius auratus", "English springer, English springer spaniel")
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} {n}\n" for w, n in zip(IMAGENET_WNIDS, names)))
+    return {"train": data / "train", "val": data / "val", "val_ids": by_wnid}
