@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from images import bad_files, bomb_png, encode, exif_jpeg, gradient_array
+from images import DAMAGED_ACCEPTED, bad_files, bomb_png, damaged_files, encode, exif_jpeg, gradient_array
 from PIL import Image, ImageOps
 
 from pipeline.decode import (
@@ -175,3 +175,64 @@ def test_crop_box_follows_the_scale_pillow_really_decoded_at():
     assert region.shape == (375, 500, 3)
     reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((100, 100), Image.Resampling.BILINEAR))
     assert np.abs(decode_crop(head, (0, 0, 500, 375), 100).astype(int) - reference).max() <= 1
+
+
+def verdict(decode, data: bytes) -> str:
+    """ "ok", or the reject reason; a decoder warning that escapes to the console fails the test."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            decode(data)
+            result = "ok"
+        except ImageRejected as exc:
+            result = str(exc)
+    assert not caught, [str(w.message) for w in caught]
+    return result
+
+
+def decode_paths() -> dict:
+    """Every way a job decodes an image: prepare's check, the eval transform (features, classify, validation) at
+    the coarsest and at full DCT scale, the train transform (random crops: several scales), and plain decode."""
+    from pipeline.augment import EvalTransform, TrainTransform
+    from pipeline.config import AugmentConfig
+
+    def train(data: bytes) -> None:
+        for key in ("a", "b", "c", "d"):
+            TrainTransform(16, "bilinear", AugmentConfig(scale=(0.05, 1.0))).image(
+                data, key, 0, np.empty((16, 16, 3), np.uint8)
+            )
+
+    return {
+        "prepare": inspect_image,
+        "eval 1/8": lambda d: EvalTransform(16, 16, "bilinear").image(d, np.empty((16, 16, 3), np.uint8)),
+        "eval 1/1": lambda d: EvalTransform(120, 128, "bicubic").image(d, np.empty((120, 120, 3), np.uint8)),
+        "train": train,
+        "decode_rgb": decode_rgb,
+        "decode_rgb 1/4": lambda d: decode_rgb(d, min_size=32),
+    }
+
+
+def test_every_decode_path_gives_a_damaged_file_the_same_verdict():
+    files = damaged_files()
+    verdicts = {name: {path: verdict(fn, data) for path, fn in decode_paths().items()} for name, data in files.items()}
+    differ = {name: v for name, v in verdicts.items() if len(set(v.values())) != 1}
+    assert not differ
+    reasons = {name: v["prepare"] for name, v in verdicts.items()}
+    assert {n for n, r in reasons.items() if r == "ok"} == DAMAGED_ACCEPTED
+    assert len(files) == 35 and len(DAMAGED_ACCEPTED) == 7
+    # Reasons name what went wrong, in words that do not depend on the decoder's scale or buffer.
+    for ext in ("jpg", "progressive.jpg", "png", "gif"):
+        assert reasons[f"cut50.{ext}"] == "undecodable image: image file is truncated"
+    assert reasons["cut50.webp"] == "unreadable image header: could not create decoder object"
+    assert reasons["corrupt.png"] == "undecodable image: unrecognized data stream contents when reading image file"
+    assert reasons["corrupt.gif"] == "undecodable image: broken data stream when reading image file"
+    assert reasons["bad_ihdr_crc.png"] == reasons["text.png"] == "not an image: no known image format in the bytes"
+    assert reasons["empty.jpg"] == "empty file (0 bytes)"
+    assert reasons["bomb.png"].startswith("image is 40000x40000 = 1600000000 pixels, over the limit of 89478485")
+    # Pillow's warnings about a rejected file travel in its reason, once each, not to the console.
+    assert reasons["cut50.deflate.tif"] == (
+        "not an image: no known image format in the bytes "
+        "(decoder warnings: Corrupt EXIF data. Expecting to read 2 bytes but only got 0.)"
+    )
