@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
-from images import DAMAGED_ACCEPTED, bad_files, bomb_png, damaged_files, encode, exif_jpeg, gradient_array
+from images import DAMAGED_ACCEPTED, bad_files, bomb_png, damaged_files, encode, exif_jpeg, gradient_array, jpeg_bytes
 from PIL import Image, ImageOps
 
+from pipeline import features, predict
+from pipeline.augment import EvalTransform, TrainTransform
+from pipeline.config import (
+    AugmentConfig,
+    ClassifyConfig,
+    FeaturesConfig,
+    LoaderConfig,
+    ModelConfig,
+    PrepareConfig,
+    StorageConfig,
+)
 from pipeline.decode import (
     ImageRejected,
     crop_region,
@@ -19,6 +31,10 @@ from pipeline.decode import (
     read_header,
     resize_array,
 )
+from pipeline.loader import TrainInput
+from pipeline.prepare import run as prepare
+from pipeline.preprocessing import Preprocessing
+from pipeline.sources import open_images
 
 
 def pillow_rgb(data: bytes) -> np.ndarray:
@@ -195,8 +211,6 @@ def verdict(decode, data: bytes) -> str:
 def decode_paths() -> dict:
     """Every way a job decodes an image: prepare's check, the eval transform (features, classify, validation) at
     the coarsest and at full DCT scale, the train transform (random crops: several scales), and plain decode."""
-    from pipeline.augment import EvalTransform, TrainTransform
-    from pipeline.config import AugmentConfig
 
     def train(data: bytes) -> None:
         for key in ("a", "b", "c", "d"):
@@ -236,3 +250,52 @@ def test_every_decode_path_gives_a_damaged_file_the_same_verdict():
         "not an image: no known image format in the bytes "
         "(decoder warnings: Corrupt EXIF data. Expecting to read 2 bytes but only got 0.)"
     )
+
+
+@pytest.mark.timeout(300)
+def test_every_job_rejects_the_damaged_set_with_the_same_reasons(ray_session, tmp_path):
+    """prepare, features and classify over the raw files, and the training input (train and eval transforms):
+    the same files rejected, each with the same reason, in errors.jsonl or the dropped-sample log."""
+    raw = tmp_path / "raw"
+    (raw / "x").mkdir(parents=True)
+    damaged = damaged_files()
+    for name, data in {**damaged, **{f"good{i}.jpg": jpeg_bytes(seed=i) for i in range(3)}}.items():
+        (raw / "x" / name).write_bytes(data)
+    expected = {name: verdict(inspect_image, data) for name, data in damaged.items()}
+    expected = {name: reason for name, reason in expected.items() if reason != "ok"}
+    assert len(expected) == 28
+
+    def by_file(rows) -> dict[str, str]:
+        return {r["source"].rsplit("/", 1)[1]: r["reason"] for r in rows}
+
+    def errors(out) -> dict[str, str]:
+        return by_file(json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines())
+
+    storage_cfg = StorageConfig()
+    manifest = prepare(
+        PrepareConfig(source=str(raw), output=str(tmp_path / "prep"), split={"train": 1.0}, max_reject_fraction=1.0),
+        storage_cfg,
+    )
+    assert (manifest["inputs"], manifest["samples"], manifest["rejected"]) == (38, 10, 28)
+    assert errors(tmp_path / "prep") == expected
+
+    feats = FeaturesConfig(
+        source=str(raw), output=str(tmp_path / "feats"), source_kind="images", batch_size=8, actors=1
+    )
+    result = features.run(ModelConfig(), feats, storage_cfg)
+    assert (result["inputs"], result["rows"], result["rejected"]) == (38, 10, 28)
+    assert errors(tmp_path / "feats") == expected
+
+    cfg = ClassifyConfig(source=str(raw), output=str(tmp_path / "preds"), source_kind="images", batch_size=8, actors=1)
+    result = predict.run(ModelConfig(), cfg, storage_cfg)
+    assert (result["inputs"], result["rows"], result["rejected"]) == (38, 10, 28)
+    assert errors(tmp_path / "preds") == expected
+
+    images = open_images(str(raw), kind="images")
+    loader = LoaderConfig(batch_size=4, shuffle_buffer=0, actors=1, actor_cpus=0.5)
+    train = TrainInput(images, Preprocessing(crop_size=16, resize_size=18), AugmentConfig(), loader, val=images)
+    assert len(train.dataset(epoch=0).take_all()) == 10 and len(train.eval_dataset().take_all()) == 10
+    dropped = train.dropped()
+    assert dropped["dropped"] == {0: 28, -1: 28}
+    pairs = [(e["source"].rsplit("/", 1)[1], e["reason"]) for e in dropped["examples"]]
+    assert len(pairs) == 56 and set(pairs) == set(expected.items())  # each file twice, with one reason
