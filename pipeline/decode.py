@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -269,6 +270,7 @@ def _pillow(what: str, notes: list[str]) -> Iterator[None]:
     """Run Pillow calls: an exception becomes `ImageRejected("<what>: <message>")` and the warnings
     they raise are collected in `notes`, once each, never printed. Every decode path goes through
     here, so a file gets one verdict and one reason text, whatever path or scale decoded it."""
+    outer, _LIBTIFF.messages = getattr(_LIBTIFF, "messages", None), []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -283,14 +285,54 @@ def _pillow(what: str, notes: list[str]) -> Iterator[None]:
             raise ImageRejected(_with_notes(f"{what}: {_UNSTABLE.sub('', str(exc))}", notes)) from None
         finally:
             _note(notes, caught)
+            _LIBTIFF.messages = outer
 
 
 def _note(notes: list[str], caught: list[warnings.WarningMessage]) -> None:
-    for w in caught:
-        text = " ".join(str(w.message).split())
+    texts = [str(w.message) for w in caught] + _LIBTIFF.messages
+    for text in (" ".join(t.split()) for t in texts):
         if text not in notes:
             notes.append(text)
     caught.clear()
+    _LIBTIFF.messages.clear()
+
+
+# libtiff (Pillow's TIFF codec) prints its errors and warnings to stderr itself. Its handlers send them to
+# the notes of the file being decoded in this thread instead; outside a decode they are dropped.
+_LIBTIFF = threading.local()
+
+
+def _route_libtiff_messages() -> object | None:
+    """Install the handlers; returns them (they must stay alive), or None where libtiff is not found."""
+    import ctypes
+    import glob
+    import os
+
+    import PIL
+
+    libs = sorted(glob.glob(os.path.join(os.path.dirname(PIL.__file__), os.pardir, "pillow.libs", "libtiff-*.so*")))
+    try:
+        lib, libc = ctypes.CDLL(libs[0]), ctypes.CDLL(None)
+    except (IndexError, OSError):  # not the wheel's bundled libtiff: leave its messages alone
+        return None
+    libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+    handler_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+
+    def collect(module: bytes | None, fmt: bytes, args: int) -> None:
+        buf = ctypes.create_string_buffer(512)
+        libc.vsnprintf(buf, len(buf), fmt, args)  # args: the C va_list, passed on as is
+        messages = getattr(_LIBTIFF, "messages", None)
+        if messages is not None:
+            messages.append(f"{(module or b'').decode(errors='replace')}: {buf.value.decode(errors='replace')}")
+
+    handler = handler_type(collect)
+    for name in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = [handler_type], ctypes.c_void_p
+        getattr(lib, name)(handler)
+    return handler
+
+
+_LIBTIFF_HANDLER = _route_libtiff_messages()  # module-level: libtiff calls it for the process's life
 
 
 def _with_notes(reason: str, notes: list[str]) -> str:

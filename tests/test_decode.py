@@ -228,7 +228,7 @@ def decode_paths() -> dict:
     }
 
 
-def test_every_decode_path_gives_a_damaged_file_the_same_verdict():
+def test_every_decode_path_gives_a_damaged_file_the_same_verdict(capfd):
     files = damaged_files()
     verdicts = {name: {path: verdict(fn, data) for path, fn in decode_paths().items()} for name, data in files.items()}
     differ = {name: v for name, v in verdicts.items() if len(set(v.values())) != 1}
@@ -246,10 +246,15 @@ def test_every_decode_path_gives_a_damaged_file_the_same_verdict():
     assert reasons["empty.jpg"] == "empty file (0 bytes)"
     assert reasons["bomb.png"].startswith("image is 40000x40000 = 1600000000 pixels, over the limit of 89478485")
     # Pillow's warnings about a rejected file travel in its reason, once each, not to the console.
+    assert reasons["corrupt.deflate.tif"] == (  # libtiff's own message, which it used to print to stderr
+        "undecodable image: decoder error -2 (decoder warnings: ZIPDecode: Decoding error at scanline 0, "
+        "incorrect data check)"
+    )
     assert reasons["cut50.deflate.tif"] == (
         "not an image: no known image format in the bytes "
         "(decoder warnings: Corrupt EXIF data. Expecting to read 2 bytes but only got 0.)"
     )
+    assert capfd.readouterr().err == ""  # nothing on the console, from Python or from the C decoders
 
 
 @pytest.mark.timeout(300)
