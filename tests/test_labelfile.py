@@ -245,3 +245,35 @@ def test_a_jsonl_label_file_prepares_with_discovered_classes(ray_session, tmp_pa
     assert manifest["layout"] == "labels" and manifest["classes"] == ["2", "10"]
     assert (manifest["inputs"], manifest["samples"], manifest["rejected"]) == (5, 4, 1)
     assert manifest["splits"]["train"]["classes"] == {"2": 2, "10": 2}
+
+
+def test_auto_layout_with_a_label_file_is_labels_and_classes_file_fixes_the_order(tmp_path):
+    root = labelled_folder(tmp_path)
+    (root / "classes.txt").write_text("10 ten\n2 two\n99 not in any row\n")
+    cfg = PrepareConfig(
+        source=str(root / "img"), labels={"file": str(root / "labels.csv")}, classes_file=str(root / "classes.txt")
+    )
+    found = discover_inputs(storage.resolve(cfg.source), cfg, StorageConfig())
+    assert found.layout == "labels" and found.classes == ["10", "2", "99"]
+    assert {Path(i.source).name: i.label for i in found.inputs if i.path and not i.problem} == {
+        "a.jpg": 0,
+        "b.jpg": 1,
+        "c.png": 1,
+        "d.jpg": 0,
+    }
+    (root / "classes.txt").write_text("a\nb\na\n")
+    with pytest.raises(ValueError, match=r"classes listed twice: \['a'\]"):
+        discover_inputs(storage.resolve(cfg.source), cfg, StorageConfig())
+    with pytest.raises(ValueError, match="set prepare.classes or prepare.classes_file, not both"):
+        discover_inputs(storage.resolve(cfg.source), cfg.model_copy(update={"classes": ["a"]}), StorageConfig())
+
+
+def test_a_wrong_labels_key_lists_the_valid_ones():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["prepare.labels.path_col=ImageId"])
+    assert str(info.value) == (
+        "unknown config key 'prepare.labels.path_col'; valid keys in prepare.labels: "
+        "file, format, header, label_column, label_pattern, path_column"
+    )
