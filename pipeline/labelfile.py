@@ -154,7 +154,7 @@ def _apply_pattern(row: LabelRow, pattern: re.Pattern | None, text: str | None) 
 
 def label_files(
     loc: storage.Location, files, rows: list[LabelRow], label_uri: str, classes: list[str] | None
-) -> tuple[list[str], list, dict]:
+) -> tuple[list[str], list[RawInput], dict]:
     """Match rows to the image files under `loc`: (classes, inputs, counts).
 
     A row names a file by its path under `loc`, or by that path without its extension (ImageNet's
@@ -162,72 +162,68 @@ def label_files(
     discovers it: the labels sorted, numerically when every one is an integer.
     """
     by_rel = {_rel(loc, f.path): f for f in files}
+    named, unusable = _name_files(rows, by_rel, loc.uri)
+    if classes is None:
+        found = {row.label for row in named.values()}
+        classes = sorted(found, key=lambda c: (0, int(c), c) if _is_int(c) else (1, 0, c))
+    index = {c: i for i, c in enumerate(classes)}
+    inputs = [_file_input(loc, info, named.get(rel), index, label_uri) for rel, info in by_rel.items()]
+    rejects = [
+        RawInput(f"row-{row.line}", schema.UNLABELED, f"{label_uri}#line={row.line}", problem=f"line {row.line}: {why}")
+        for row, why, _ in unusable
+    ]
+    unknown = sum(1 for row in named.values() if row.label not in index)
+    counts = {"file": label_uri, "rows": len(rows), "labelled": len(named) - unknown}
+    for kind in ("missing_files", "duplicate_rows", "bad_rows"):
+        counts[kind] = sum(1 for _, _, k in unusable if k == kind)
+    counts.update(unlabelled_files=len(by_rel) - len(named), unknown_labels=unknown)
+    return classes, unique_keys(inputs) + rejects, counts
+
+
+def _name_files(rows: list[LabelRow], by_rel: dict, root: str) -> tuple[dict[str, LabelRow], list[tuple]]:
+    """({file's path under the root: the row that labels it}, [(row, why it names no file, kind)])."""
     by_stem: dict[str, list[str]] = {}
     for rel in by_rel:
         by_stem.setdefault(_stem(rel), []).append(rel)
     named: dict[str, LabelRow] = {}
-    rejects: list[RawInput] = []
-    counts = {"file": label_uri, "rows": len(rows), "missing_files": 0, "duplicate_rows": 0, "bad_rows": 0}
-
-    def reject_row(row: LabelRow, reason: str, kind: str) -> None:
-        counts[kind] += 1
-        rejects.append(RawInput(f"row-{row.line}", schema.UNLABELED, f"{label_uri}#line={row.line}", problem=reason))
-
+    unusable: list[tuple] = []
     for row in rows:
-        rel, problem = _match(row.path, by_rel, by_stem, loc.uri)
         if row.problem:
-            reject_row(row, f"line {row.line}: {row.problem}", "bad_rows")
-        elif problem:
-            reject_row(
-                row, f"line {row.line}: {problem}", "missing_files" if "no image file" in problem else "bad_rows"
-            )
-        elif rel in named:
-            first = named[rel]
+            unusable.append((row, row.problem, "bad_rows"))
+            continue
+        path = row.path.replace("\\", "/").removeprefix("./").lstrip("/")
+        candidates = [path] if path in by_rel else by_stem.get(path, [])
+        if not candidates:
+            unusable.append((row, f"no image file {path!r} under {root}", "missing_files"))
+        elif len(candidates) > 1:
+            listed = ", ".join(sorted(candidates)[:3])
+            unusable.append((row, f"{path!r} names {len(candidates)} files ({listed}); give the extension", "bad_rows"))
+        elif candidates[0] in named:
+            first = named[candidates[0]]
             same = "the same label" if first.label == row.label else f"label {row.label!r}, not {first.label!r}"
-            reason = f"line {row.line}: names {rel!r} again ({same}); line {first.line} labels it"
-            reject_row(row, reason, "duplicate_rows")
+            why = f"names {candidates[0]!r} again ({same}); line {first.line} labels it"
+            unusable.append((row, why, "duplicate_rows"))
         else:
-            named[rel] = row
-    found = [row.label for row in named.values()]
-    if classes is None:
-        classes = sorted(set(found), key=lambda c: (0, int(c), c) if _is_int(c) else (1, 0, c))
-    index = {c: i for i, c in enumerate(classes)}
-    inputs = []
-    for rel, info in by_rel.items():
-        row = named.get(rel)
-        if row is None:
-            label, problem = -1, f"no row of {label_uri} names this file"
-        else:
-            label = index.get(row.label, -1)
-            problem = "" if label >= 0 else f"label {row.label!r} (line {row.line}) is not one of the classes"
-        inputs.append(
-            RawInput(
-                schema.sample_key(rel),
-                label,
-                loc.uri_of(info.path),
-                path=info.path,
-                size=info.size,
-                mtime_ns=info.mtime_ns or 0,
-                problem=problem,
-            )
-        )
-    counts["unlabelled_files"] = sum(1 for rel in by_rel if rel not in named)
-    counts["unknown_labels"] = sum(1 for row in named.values() if row.label not in index)
-    counts["labelled"] = len(named) - counts["unknown_labels"]
-    return classes, unique_keys(inputs) + rejects, counts
+            named[candidates[0]] = row
+    return named, unusable
 
 
-def _match(path: str, by_rel: dict, by_stem: dict[str, list[str]], root: str) -> tuple[str, str]:
-    """(the file's path under the root, "") or ("", why the row names no single file)."""
-    path = path.replace("\\", "/").removeprefix("./").lstrip("/")
-    if path in by_rel:
-        return path, ""
-    candidates = by_stem.get(path, [])
-    if len(candidates) == 1:
-        return candidates[0], ""
-    if candidates:
-        return "", f"{path!r} names {len(candidates)} files ({', '.join(sorted(candidates)[:3])}); give the extension"
-    return "", f"no image file {path!r} under {root}"
+def _file_input(loc: storage.Location, info, row: LabelRow | None, index: dict[str, int], label_uri: str) -> RawInput:
+    if row is None:
+        label, problem = schema.UNLABELED, f"no row of {label_uri} names this file"
+    else:
+        label = index.get(row.label, schema.UNLABELED)
+        problem = "" if label >= 0 else f"label {row.label!r} (line {row.line}) is not one of the classes"
+    rel = _rel(loc, info.path)
+    return RawInput(
+        schema.sample_key(rel),
+        label,
+        loc.uri_of(info.path),
+        path=info.path,
+        size=info.size,
+        mtime_ns=info.mtime_ns or 0,
+        problem=problem,
+    )
 
 
 def _rel(loc: storage.Location, path: str) -> str:
