@@ -10,8 +10,17 @@ import pytest
 from images import IMAGENET_WNIDS, jpeg_bytes, upload_tree, write_imagenet
 
 from jobs import prepare as prepare_job
-from pipeline import storage
-from pipeline.config import LabelFileConfig, PrepareConfig, StorageConfig, load_config
+from pipeline import features, heads, predict, storage
+from pipeline.config import (
+    ClassifyConfig,
+    FeaturesConfig,
+    HeadConfig,
+    LabelFileConfig,
+    ModelConfig,
+    PrepareConfig,
+    StorageConfig,
+    load_config,
+)
 from pipeline.labelfile import LabelRow, read_rows
 from pipeline.prepare import discover_inputs, run
 
@@ -167,7 +176,7 @@ def check_imagenet(train: dict, val: dict, val_errors: list[dict], labels: dict[
     assert labels == {i: c for c, w in enumerate(IMAGENET_WNIDS) for i in ids[w]}
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_imagenet_layouts_prepare_locally_with_the_shipped_configs(ray_session, tmp_path, capsys):
     tree = write_imagenet(tmp_path / "imagenet")
     out_train, out_val = tmp_path / "prepared-train", tmp_path / "prepared-val"
@@ -196,6 +205,17 @@ def test_imagenet_layouts_prepare_locally_with_the_shipped_configs(ray_session, 
         "0 duplicate rows, 0 unusable rows" in printed
     )
     assert json.loads((out_val / "manifest.json").read_text())["label_file"]["missing_files"] == 1
+
+    # One class order: a head trained on the train preparation scores the val preparation (classes are colours).
+    storage_cfg = StorageConfig()
+    feats = FeaturesConfig(source=str(out_train), output=str(tmp_path / "feats"), actors=1, dtype="float32")
+    features.run(ModelConfig(), feats, storage_cfg)
+    heads.run(
+        HeadConfig(features=str(tmp_path / "feats"), output=str(tmp_path / "head"), epochs=60, lr=1e-2), storage_cfg
+    )
+    cfg = ClassifyConfig(source=str(out_val), output=str(tmp_path / "preds"), head=str(tmp_path / "head"), actors=1)
+    scored = predict.run(ModelConfig(), cfg, storage_cfg)["metrics"]["val"]
+    assert scored["samples"] == 12 and scored["top1"] == 1.0
 
 
 @pytest.mark.timeout(180)
