@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.common import parse_config, run_job, start
-from pipeline import prepare
+from pipeline import labelfile, prepare
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> dict:
     for split, info in manifest["splits"].items():
         print(f"{split:>5}: {info['samples']:>8} samples in {len(info['shards'])} shards")
     print(f"inputs {manifest['inputs']} = samples {manifest['samples']} + rejected {manifest['rejected']}")
+    if "label_file" in manifest:
+        print(f"label file {labelfile.describe(manifest['label_file'])}")
     print(f"wrote {out.uri}/manifest.json; rejects listed in {out.uri}/errors.jsonl")
     return manifest
 

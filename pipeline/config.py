@@ -8,7 +8,7 @@ rejected with a one-line message that names the key and the valid ones.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -47,14 +47,30 @@ class RayConfig(Section):
     object_store_memory_mb: Optional[int] = None  # embedded only
 
 
+class LabelFileConfig(Section):
+    """The `labels` layout: a CSV, TSV or JSONL file of (image path or key, label) rows beside the images."""
+
+    file: str = ""  # local path or URI of the label file
+    format: Literal["auto", "csv", "tsv", "jsonl"] = "auto"  # auto: from the file's extension
+    # Columns by name (CSV/TSV with a header row; JSONL keys) or by 0-based position (CSV/TSV).
+    path_column: Union[int, str] = 0  # the image's path under prepare.source, with or without its extension
+    label_column: Union[int, str] = 1
+    header: Optional[bool] = None  # CSV/TSV: None = a header row exactly when the columns are given by name
+    label_pattern: Optional[str] = None  # the class is this regex's (?P<label>...) group of the cell; None: the cell
+
+
 class PrepareConfig(Section):
     """Raw images -> WebDataset shards, split and counted."""
 
     source: str = ""
     output: str = ""
-    layout: Literal["auto", "imagefolder", "flat", "cifar10", "mnist"] = "auto"
+    layout: Literal["auto", "imagefolder", "flat", "labels", "cifar10", "mnist"] = "auto"
     label_pattern: str = r"^(?P<label>[^.]+)\.[^.]+\.[^.]+$"  # flat layout: <label>.<id>.<ext> (cat.123.jpg)
+    labels: LabelFileConfig = LabelFileConfig()  # the labels layout (auto picks it when labels.file is set)
     classes: Optional[list[str]] = None  # None: discovered, sorted
+    # The class list from a file instead: classes.json ({"classes": [...]}) or text, one class a line, its first
+    # word (ImageNet's LOC_synset_mapping.txt as distributed); the order is the label order.
+    classes_file: Optional[str] = None
     split: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     keep_source_test: bool = True  # CIFAR-10 / MNIST: keep their own test set as `test`
     seed: int = 0

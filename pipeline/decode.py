@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import io
 import math
+import re
+import threading
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import simplejpeg
@@ -31,16 +35,14 @@ class ImageRejected(ValueError):
     """An input that is not a usable image; str() is the reason written to errors.jsonl."""
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Identify an image from its header and check its size; pixels are not decoded yet."""
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, notes: list[str] | None = None) -> Image.Image:
+    """Identify an image from its header and check its size; pixels are not decoded yet. Pillow's
+    warnings go to `notes` (a reject's reason carries them; they never reach the console)."""
+    notes = [] if notes is None else notes
     if not data:
         raise ImageRejected("empty file (0 bytes)")
-    try:
+    with _pillow("unreadable image header", notes):
         img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageRejected("not an image: no known image format in the bytes") from None
-    except Exception as exc:  # noqa: BLE001 - any parser failure is a reject reason
-        raise ImageRejected(f"unreadable image header: {exc}") from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageRejected(
@@ -51,12 +53,15 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """Prove the image decodes end to end and return its (width, height) as stored."""
-    img = open_image(data, max_pixels)
-    size = img.size
-    # A 1/8-scale DCT decode still reads every coefficient, so truncation is caught cheaply.
-    img.draft(img.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
-    _load(img)
+    """The verdict on an image: prove it decodes end to end; returns its (width, height) as stored.
+
+    It decodes as every other path does (`read_header`, then `decode_scaled`), at the coarsest DCT
+    scale: a 1/8-scale decode still reads every coefficient, so damage is caught cheaply, and a
+    file rejected here is rejected by the transforms with the same reason, whatever their scale.
+    """
+    head = read_header(data, max_pixels)
+    size = head.img.size
+    decode_scaled(head, jpeg_scale(head, 8))
     return size
 
 
@@ -87,16 +92,22 @@ class Header:
     orientation: int  # EXIF orientation, 1 = as stored
     width: int  # upright
     height: int  # upright
+    notes: list[str] = field(default_factory=list)  # Pillow's warnings so far: a reject's reason carries them
 
 
 def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
     """Parse the header only (size, format, EXIF orientation), checking the pixel limit."""
-    img = open_image(data, max_pixels)
-    orientation = _orientation(img)
+    notes: list[str] = []
+    img = open_image(data, max_pixels, notes)
+    if img.format == "PNG" and "exif" not in img.info:
+        # Pillow reads a PNG's eXIf chunk by decoding the image first; decode it here, so that a
+        # failure is a reject like any other rather than a missing orientation.
+        _load(img, notes)
+    orientation = _orientation(img, notes)
     w, h = img.size
     if orientation in (5, 6, 7, 8):
         w, h = h, w
-    return Header(data, img, orientation, w, h)
+    return Header(data, img, orientation, w, h, notes)
 
 
 def decode_scaled(head: Header, scale: int = 1) -> np.ndarray:
@@ -114,7 +125,7 @@ def decode_scaled(head: Header, scale: int = 1) -> np.ndarray:
             return arr
         if scale > 1:
             img.draft("RGB", (math.ceil(img.size[0] / scale), math.ceil(img.size[1] / scale)))
-    _load(img)
+    _load(img, head.notes)
     if head.orientation in _UPRIGHT:
         img = img.transpose(_UPRIGHT[head.orientation])
     return to_rgb_array(img)
@@ -210,10 +221,11 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def _orientation(img: Image.Image) -> int:
+def _orientation(img: Image.Image, notes: list[str]) -> int:
     try:
-        value = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - a corrupt EXIF block leaves the pixels as stored
+        with _pillow("unreadable EXIF", notes):
+            value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except ImageRejected:  # a corrupt EXIF block leaves the pixels as stored
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
@@ -244,10 +256,84 @@ def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
     return arr
 
 
-def _load(img: Image.Image) -> None:
+def _load(img: Image.Image, notes: list[str]) -> None:
+    with _pillow("undecodable image", notes):
+        img.load()
+
+
+# Parts of Pillow's messages that depend on how far a decoder got (its scale, its buffer), not on the file.
+_UNSTABLE = re.compile(r" \(\d+ bytes not processed\)")
+
+
+@contextmanager
+def _pillow(what: str, notes: list[str]) -> Iterator[None]:
+    """Run Pillow calls: an exception becomes `ImageRejected("<what>: <message>")` and the warnings
+    they raise are collected in `notes`, once each, never printed. Every decode path goes through
+    here, so a file gets one verdict and one reason text, whatever path or scale decoded it."""
+    outer, _LIBTIFF.messages = getattr(_LIBTIFF, "messages", None), []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except ImageRejected:
+            raise
+        except UnidentifiedImageError:
+            _note(notes, caught)
+            raise ImageRejected(_with_notes("not an image: no known image format in the bytes", notes)) from None
+        except Exception as exc:  # noqa: BLE001 - truncated/corrupt data of any format
+            _note(notes, caught)
+            raise ImageRejected(_with_notes(f"{what}: {_UNSTABLE.sub('', str(exc))}", notes)) from None
+        finally:
+            _note(notes, caught)
+            _LIBTIFF.messages = outer
+
+
+def _note(notes: list[str], caught: list[warnings.WarningMessage]) -> None:
+    texts = [str(w.message) for w in caught] + _LIBTIFF.messages
+    for text in (" ".join(t.split()) for t in texts):
+        if text not in notes:
+            notes.append(text)
+    caught.clear()
+    _LIBTIFF.messages.clear()
+
+
+# libtiff (Pillow's TIFF codec) prints its errors and warnings to stderr itself. Its handlers send them to
+# the notes of the file being decoded in this thread instead; outside a decode they are dropped.
+_LIBTIFF = threading.local()
+
+
+def _route_libtiff_messages() -> object | None:
+    """Install the handlers; returns them (they must stay alive), or None where libtiff is not found."""
+    import ctypes
+    import glob
+    import os
+
+    import PIL
+
+    libs = sorted(glob.glob(os.path.join(os.path.dirname(PIL.__file__), os.pardir, "pillow.libs", "libtiff-*.so*")))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-    except Exception as exc:  # noqa: BLE001 - truncated/corrupt data of any format
-        raise ImageRejected(f"undecodable image: {exc}") from None
+        lib, libc = ctypes.CDLL(libs[0]), ctypes.CDLL(None)
+    except (IndexError, OSError):  # not the wheel's bundled libtiff: leave its messages alone
+        return None
+    libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+    handler_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+
+    def collect(module: bytes | None, fmt: bytes, args: int) -> None:
+        buf = ctypes.create_string_buffer(512)
+        libc.vsnprintf(buf, len(buf), fmt, args)  # args: the C va_list, passed on as is
+        messages = getattr(_LIBTIFF, "messages", None)
+        if messages is not None:
+            messages.append(f"{(module or b'').decode(errors='replace')}: {buf.value.decode(errors='replace')}")
+
+    handler = handler_type(collect)
+    for name in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = [handler_type], ctypes.c_void_p
+        getattr(lib, name)(handler)
+    return handler
+
+
+_LIBTIFF_HANDLER = _route_libtiff_messages()  # module-level: libtiff calls it for the process's life
+
+
+def _with_notes(reason: str, notes: list[str]) -> str:
+    return f"{reason} (decoder warnings: {'; '.join(notes)})" if notes else reason

@@ -48,6 +48,7 @@ class Discovery:
     inputs: list[RawInput]
     ignored: list[str] = field(default_factory=list)  # URIs of non-image files
     images: np.ndarray | None = None  # array datasets: (N, H, W) or (N, H, W, 3) uint8
+    counts: dict = field(default_factory=dict)  # the layout's own tallies (the labels layout: rows, missing files)
 
 
 def discover(
@@ -62,8 +63,8 @@ def discover(
         return _cifar10(loc, files)
     if layout == "mnist":
         return _mnist(loc, files)
-    images = [f for f in files if _is_image(rel[f.path], extensions)]
-    ignored = [loc.uri_of(f.path) for f in files if not _is_image(rel[f.path], extensions)]
+    images = [f for f in files if is_image(rel[f.path], extensions)]
+    ignored = [loc.uri_of(f.path) for f in files if not is_image(rel[f.path], extensions)]
     if not images:
         raise ValueError(f"{loc.uri}: no image files ({', '.join(extensions)}) under this prefix")
     if layout == "imagefolder":
@@ -111,7 +112,7 @@ def detect_layout(loc: storage.Location, rel: list[str], extensions) -> str:
         return "cifar10"
     if any(re.fullmatch(r".*-images[-.]idx3-ubyte(\.gz)?", n) for n in names):
         return "mnist"
-    depths = {r.count("/") for r in rel if _is_image(r, extensions)}
+    depths = {r.count("/") for r in rel if is_image(r, extensions)}
     if depths == {1}:
         return "imagefolder"
     if depths == {0}:
@@ -269,7 +270,8 @@ def _match_label(pattern: re.Pattern, rel: str) -> str:
     return m.group("label") if m else ""
 
 
-def _is_image(rel: str, extensions) -> bool:
+def is_image(rel: str, extensions) -> bool:
+    """Whether a relative path has one of the image `extensions`."""
     base = rel.rsplit("/", 1)[-1]
     return "." in base and base.rsplit(".", 1)[1].lower() in extensions
 

@@ -16,9 +16,9 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from pipeline import schema, storage
+from pipeline import labelfile, schema, storage
 from pipeline.config import PrepareConfig, StorageConfig
-from pipeline.layouts import SPLIT_FREE, RawInput, discover
+from pipeline.layouts import SPLIT_FREE, Discovery, RawInput, discover
 from pipeline.shards import ShardPlan, build_manifest, plan_shards, write_shard
 
 log = logging.getLogger("imgpipe")
@@ -34,7 +34,7 @@ def run(cfg: PrepareConfig, storage_cfg: StorageConfig) -> dict:
     if not cfg.source or not cfg.output:
         raise ValueError("prepare needs prepare.source and prepare.output (URIs or local paths)")
     src, out = storage.resolve(cfg.source, storage_cfg), storage.resolve(cfg.output, storage_cfg)
-    found = discover(src, cfg.layout, [e.lower() for e in cfg.extensions], cfg.label_pattern, cfg.classes)
+    found = discover_inputs(src, cfg, storage_cfg)
     log.info(
         "prepare: %s layout, %d inputs in %d classes, %d non-image files ignored",
         found.layout,
@@ -42,6 +42,8 @@ def run(cfg: PrepareConfig, storage_cfg: StorageConfig) -> dict:
         len(found.classes),
         len(found.ignored),
     )
+    if found.counts:
+        log.info("prepare: label file %s", labelfile.describe(found.counts))
     inputs = found.inputs
     unusable = [{"source": i.source, "reason": i.problem} for i in inputs if i.problem]
     splits = assign_splits([i for i in inputs if not i.problem], cfg.split, cfg.seed, cfg.keep_source_test)
@@ -65,11 +67,26 @@ def run(cfg: PrepareConfig, storage_cfg: StorageConfig) -> dict:
         rejected=len(rejects),
         ignored=found.ignored,
     )
+    if found.counts:
+        manifest["label_file"] = found.counts
     _check_counts(manifest, cfg.max_reject_fraction, out)
     _remove_stale_shards(out, manifest)
     storage.write_bytes(out.join("classes.json"), json.dumps({"classes": found.classes}, indent=1).encode())
     storage.write_bytes(out.join("manifest.json"), json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def discover_inputs(src: storage.Location, cfg: PrepareConfig, storage_cfg: StorageConfig) -> Discovery:
+    """The layout's inputs and classes; `classes` or `classes_file` fix the class list and its order."""
+    if cfg.classes is not None and cfg.classes_file:
+        raise ValueError("set prepare.classes or prepare.classes_file, not both")
+    classes = cfg.classes
+    if cfg.classes_file:
+        classes = labelfile.read_classes_file(storage.resolve(cfg.classes_file, storage_cfg))
+    extensions = [e.lower() for e in cfg.extensions]
+    if cfg.layout == "labels" or (cfg.layout == "auto" and cfg.labels.file):
+        return labelfile.discover(src, cfg.labels, extensions, classes, storage_cfg)
+    return discover(src, cfg.layout, extensions, cfg.label_pattern, classes)
 
 
 def assign_splits(

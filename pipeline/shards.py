@@ -79,7 +79,9 @@ def write_shard(
 ) -> dict:
     """Read, check and write one shard; returns its manifest entry plus its rejects."""
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        checked = list(pool.map(lambda item: _load_sample(item, src_fs, max_pixels, images), plan.inputs))
+        read = list(pool.map(lambda item: _read_input(item, src_fs, images), plan.inputs))
+    # Checked in this thread: the decoders' warnings are caught per file (Python's warning filters are global).
+    checked = [_check_sample(item, data, reason, max_pixels) for item, (data, reason) in zip(plan.inputs, read)]
     buf = io.BytesIO()
     samples, rejects, per_class = 0, [], {}
     with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
@@ -105,18 +107,24 @@ def write_shard(
     }
 
 
-def _load_sample(item: RawInput, src_fs, max_pixels: int, images: np.ndarray | None) -> tuple[dict | None, str]:
-    """(sample, "") for a good input, (None, reason) for a reject."""
+def _read_input(item: RawInput, src_fs, images: np.ndarray | None) -> tuple[bytes | dict | None, str]:
+    """(the file's bytes, or an array input's encoded sample, "") or (None, reason)."""
     if item.problem:
         return None, item.problem
     if images is not None:
         return _encode_array(images[item.index]), ""
     try:
-        data = storage.read_bytes(storage.Location(src_fs, item.path, item.source))
+        return storage.read_bytes(storage.Location(src_fs, item.path, item.source)), ""
     except storage.StorageUnavailable:
         raise  # the store is down: the job's error, not this input's
     except storage.StorageError as exc:
         return None, f"cannot read: {exc}"
+
+
+def _check_sample(item: RawInput, data: bytes | dict | None, reason: str, max_pixels: int) -> tuple[dict | None, str]:
+    """(sample, "") for a good input, (None, reason) for a reject: the verdict of `decode.inspect_image`."""
+    if reason or isinstance(data, dict):
+        return data, reason
     try:
         width, height = inspect_image(data, max_pixels)
     except ImageRejected as exc:

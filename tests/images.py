@@ -180,3 +180,99 @@ def photo_jpeg(width: int = 500, height: int = 375, seed: int = 0, quality: int 
         np.asarray(field, np.float32) + np.asarray(texture, np.float32) - 128 + rng.normal(0, 4, (height, width, 3))
     )
     return encode(np.clip(pixels, 0, 255).astype(np.uint8), "JPEG", quality=quality)
+
+
+IMAGENET_WNIDS = ("n01440764", "n01443537", "n02102040")  # tench, goldfish, English springer
+
+
+def write_imagenet(root: Path, train_per_class: int = 6, val_per_class: int = 4) -> dict:
+    """ImageNet as distributed (Kaggle's ILSVRC layout), tiny: `ILSVRC/Data/CLS-LOC/train/<wnid>/<wnid>_<n>.JPEG`,
+    a flat `.../val/ILSVRC2012_val_<n>.JPEG`, `LOC_val_solution.csv` (`ImageId,PredictionString`: the wnid, then a
+    box, repeated) and `LOC_synset_mapping.txt`. Three val rows are broken on purpose: one names a missing file,
+    one an unknown wnid, and one file has no row. Returns the paths and the val image ids by wnid."""
+    data = root / "ILSVRC" / "Data" / "CLS-LOC"
+    for c, wnid in enumerate(IMAGENET_WNIDS):
+        (data / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        for i in range(train_per_class):
+            jpeg = jpeg_bytes(40, 32, seed=c * 1000 + i, color=CLASS_COLORS[c])
+            (data / "train" / wnid / f"{wnid}_{i}.JPEG").write_bytes(jpeg)
+    (data / "val").mkdir(parents=True)
+    rows, by_wnid = [], {w: [] for w in IMAGENET_WNIDS}
+    for n in range(val_per_class * len(IMAGENET_WNIDS)):
+        c = n % len(IMAGENET_WNIDS)
+        image_id = f"ILSVRC2012_val_{n + 1:08d}"
+        (data / "val" / f"{image_id}.JPEG").write_bytes(jpeg_bytes(40, 32, seed=50_000 + n, color=CLASS_COLORS[c]))
+        wnid = IMAGENET_WNIDS[c]
+        rows.append(f"{image_id},{wnid} 3 4 30 28 {wnid} 1 1 20 20 ")
+        by_wnid[wnid].append(image_id)
+    rows.append("ILSVRC2012_val_00000090,n01440764 1 2 3 4 ")  # names a file that is not there
+    (data / "val" / "ILSVRC2012_val_00000091.JPEG").write_bytes(jpeg_bytes(40, 32, seed=91))
+    rows.append("ILSVRC2012_val_00000091,n09999999 1 2 3 4 ")  # a wnid that is no class
+    (data / "val" / "ILSVRC2012_val_00000092.JPEG").write_bytes(jpeg_bytes(40, 32, seed=92))  # no row names it
+    rows = sorted(rows)  # the distributed file is not in id order either; sorting is as good a shuffle
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    names = ("tench, Tinca tinca", "goldfish, Carassius auratus", "English springer, English springer spaniel")
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} {n}\n" for w, n in zip(IMAGENET_WNIDS, names)))
+    return {"train": data / "train", "val": data / "val", "val_ids": by_wnid}
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _flip(data: bytes, start: int, count: int = 24) -> bytes:
+    """`data` with `count` bytes from `start` inverted: a corrupt stretch inside the compressed data."""
+    out = bytearray(data)
+    for i in range(start, min(start + count, len(out))):
+        out[i] ^= 0xFF
+    return bytes(out)
+
+
+def damaged_files(width: int = 160, height: int = 128) -> dict[str, bytes]:
+    """The shared set of damaged files, by name (the extension is what a bucket would show): JPEG, PNG, WebP, GIF
+    and TIFF truncated at several points and with corrupt data, PNGs with bad CRCs, an empty file, text with an
+    image extension, an image under another format's extension, and a decompression bomb's header. Every decode
+    path must give each one the same verdict; `DAMAGED_ACCEPTED` are those the decoders conceal or repair."""
+    import struct
+
+    pixels = gradient_array(width, height, seed=5)
+    good = {
+        "jpg": encode(pixels, "JPEG", quality=90),
+        "progressive.jpg": encode(pixels, "JPEG", quality=90, progressive=True),
+        "png": encode(pixels, "PNG"),
+        "webp": encode(pixels, "WEBP", quality=80),
+        "gif": encode(pixels, "GIF"),
+        "tif": encode(pixels, "TIFF"),
+        "deflate.tif": encode(pixels, "TIFF", compression="tiff_adobe_deflate"),
+    }
+    files = {}
+    for ext, data in good.items():
+        for cut in (0.05, 0.5, 0.95):
+            files[f"cut{int(cut * 100):02d}.{ext}"] = data[: int(len(data) * cut)]
+        files[f"corrupt.{ext}"] = _flip(data, len(data) // 2)
+    png = good["png"]
+    idat = png.index(b"IDAT")
+    (idat_len,) = struct.unpack(">I", png[idat - 4 : idat])
+    files["bad_idat_crc.png"] = _flip(png, idat + 4 + idat_len, 4)
+    files["bad_ihdr_crc.png"] = _flip(png, png.index(b"IHDR") + 4 + 13, 4)
+    files["no_iend.png"] = png[: png.index(b"IEND") - 4]
+    files["empty.jpg"] = b""
+    files["text.png"] = b"this is a text file with a .png extension\n" * 4
+    files["png_named.jpg"] = png  # another format than its extension says: decoders go by the bytes
+    ihdr = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 0, 0, 0, 0)  # 1.6 G pixels promised, a few bytes given
+    bomb_idat = __import__("zlib").compress(b"\x00" * 41)
+    files["bomb.png"] = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", bomb_idat)
+    files["bomb.png"] += _png_chunk(b"IEND", b"")
+    return files
+
+
+# What the decoders conceal or repair (and so every path accepts): flipped bytes inside JPEG, WebP and raw TIFF data
+# (wrong pixels, no error), a bad CRC on PNG pixel data (Pillow checks CRCs only while reading the header), a PNG
+# cut after its last pixel chunk, and a PNG named .jpg.
+DAMAGED_ACCEPTED = frozenset(
+    {"corrupt.jpg", "corrupt.progressive.jpg", "corrupt.webp", "corrupt.tif", "bad_idat_crc.png", "no_iend.png"}
+    | {"png_named.jpg"}
+)

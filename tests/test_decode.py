@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
-from images import bad_files, bomb_png, encode, exif_jpeg, gradient_array
+from images import DAMAGED_ACCEPTED, bad_files, bomb_png, damaged_files, encode, exif_jpeg, gradient_array, jpeg_bytes
 from PIL import Image, ImageOps
 
+from pipeline import features, predict
+from pipeline.augment import EvalTransform, TrainTransform
+from pipeline.config import (
+    AugmentConfig,
+    ClassifyConfig,
+    FeaturesConfig,
+    LoaderConfig,
+    ModelConfig,
+    PrepareConfig,
+    StorageConfig,
+)
 from pipeline.decode import (
     ImageRejected,
     crop_region,
@@ -19,6 +31,10 @@ from pipeline.decode import (
     read_header,
     resize_array,
 )
+from pipeline.loader import TrainInput
+from pipeline.prepare import run as prepare
+from pipeline.preprocessing import Preprocessing
+from pipeline.sources import open_images
 
 
 def pillow_rgb(data: bytes) -> np.ndarray:
@@ -175,3 +191,116 @@ def test_crop_box_follows_the_scale_pillow_really_decoded_at():
     assert region.shape == (375, 500, 3)
     reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((100, 100), Image.Resampling.BILINEAR))
     assert np.abs(decode_crop(head, (0, 0, 500, 375), 100).astype(int) - reference).max() <= 1
+
+
+def verdict(decode, data: bytes) -> str:
+    """ "ok", or the reject reason; a decoder warning that escapes to the console fails the test."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            decode(data)
+            result = "ok"
+        except ImageRejected as exc:
+            result = str(exc)
+    assert not caught, [str(w.message) for w in caught]
+    return result
+
+
+def decode_paths() -> dict:
+    """Every way a job decodes an image: prepare's check, the eval transform (features, classify, validation) at
+    the coarsest and at full DCT scale, the train transform (random crops: several scales), and plain decode."""
+
+    def train(data: bytes) -> None:
+        for key in ("a", "b", "c", "d"):
+            TrainTransform(16, "bilinear", AugmentConfig(scale=(0.05, 1.0))).image(
+                data, key, 0, np.empty((16, 16, 3), np.uint8)
+            )
+
+    return {
+        "prepare": inspect_image,
+        "eval 1/8": lambda d: EvalTransform(16, 16, "bilinear").image(d, np.empty((16, 16, 3), np.uint8)),
+        "eval 1/1": lambda d: EvalTransform(120, 128, "bicubic").image(d, np.empty((120, 120, 3), np.uint8)),
+        "train": train,
+        "decode_rgb": decode_rgb,
+        "decode_rgb 1/4": lambda d: decode_rgb(d, min_size=32),
+    }
+
+
+def test_every_decode_path_gives_a_damaged_file_the_same_verdict(capfd):
+    files = damaged_files()
+    verdicts = {name: {path: verdict(fn, data) for path, fn in decode_paths().items()} for name, data in files.items()}
+    differ = {name: v for name, v in verdicts.items() if len(set(v.values())) != 1}
+    assert not differ
+    reasons = {name: v["prepare"] for name, v in verdicts.items()}
+    assert {n for n, r in reasons.items() if r == "ok"} == DAMAGED_ACCEPTED
+    assert len(files) == 35 and len(DAMAGED_ACCEPTED) == 7
+    # Reasons name what went wrong, in words that do not depend on the decoder's scale or buffer.
+    for ext in ("jpg", "progressive.jpg", "png", "gif"):
+        assert reasons[f"cut50.{ext}"] == "undecodable image: image file is truncated"
+    assert reasons["cut50.webp"] == "unreadable image header: could not create decoder object"
+    assert reasons["corrupt.png"] == "undecodable image: unrecognized data stream contents when reading image file"
+    assert reasons["corrupt.gif"] == "undecodable image: broken data stream when reading image file"
+    assert reasons["bad_ihdr_crc.png"] == reasons["text.png"] == "not an image: no known image format in the bytes"
+    assert reasons["empty.jpg"] == "empty file (0 bytes)"
+    assert reasons["bomb.png"].startswith("image is 40000x40000 = 1600000000 pixels, over the limit of 89478485")
+    # Pillow's warnings about a rejected file travel in its reason, once each, not to the console.
+    assert reasons["corrupt.deflate.tif"] == (  # libtiff's own message, which it used to print to stderr
+        "undecodable image: decoder error -2 (decoder warnings: ZIPDecode: Decoding error at scanline 0, "
+        "incorrect data check)"
+    )
+    assert reasons["cut50.deflate.tif"] == (
+        "not an image: no known image format in the bytes "
+        "(decoder warnings: Corrupt EXIF data. Expecting to read 2 bytes but only got 0.)"
+    )
+    assert capfd.readouterr().err == ""  # nothing on the console, from Python or from the C decoders
+
+
+@pytest.mark.timeout(300)
+def test_every_job_rejects_the_damaged_set_with_the_same_reasons(ray_session, tmp_path):
+    """prepare, features and classify over the raw files, and the training input (train and eval transforms):
+    the same files rejected, each with the same reason, in errors.jsonl or the dropped-sample log."""
+    raw = tmp_path / "raw"
+    (raw / "x").mkdir(parents=True)
+    damaged = damaged_files()
+    for name, data in {**damaged, **{f"good{i}.jpg": jpeg_bytes(seed=i) for i in range(3)}}.items():
+        (raw / "x" / name).write_bytes(data)
+    expected = {name: verdict(inspect_image, data) for name, data in damaged.items()}
+    expected = {name: reason for name, reason in expected.items() if reason != "ok"}
+    assert len(expected) == 28
+
+    def by_file(rows) -> dict[str, str]:
+        return {r["source"].rsplit("/", 1)[1]: r["reason"] for r in rows}
+
+    def errors(out) -> dict[str, str]:
+        return by_file(json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines())
+
+    storage_cfg = StorageConfig()
+    manifest = prepare(
+        PrepareConfig(source=str(raw), output=str(tmp_path / "prep"), split={"train": 1.0}, max_reject_fraction=1.0),
+        storage_cfg,
+    )
+    assert (manifest["inputs"], manifest["samples"], manifest["rejected"]) == (38, 10, 28)
+    assert errors(tmp_path / "prep") == expected
+
+    feats = FeaturesConfig(
+        source=str(raw), output=str(tmp_path / "feats"), source_kind="images", batch_size=8, actors=1
+    )
+    result = features.run(ModelConfig(), feats, storage_cfg)
+    assert (result["inputs"], result["rows"], result["rejected"]) == (38, 10, 28)
+    assert errors(tmp_path / "feats") == expected
+
+    cfg = ClassifyConfig(source=str(raw), output=str(tmp_path / "preds"), source_kind="images", batch_size=8, actors=1)
+    result = predict.run(ModelConfig(), cfg, storage_cfg)
+    assert (result["inputs"], result["rows"], result["rejected"]) == (38, 10, 28)
+    assert errors(tmp_path / "preds") == expected
+
+    images = open_images(str(raw), kind="images")
+    loader = LoaderConfig(batch_size=4, shuffle_buffer=0, actors=1, actor_cpus=0.5)
+    train = TrainInput(images, Preprocessing(crop_size=16, resize_size=18), AugmentConfig(), loader, val=images)
+    assert len(train.dataset(epoch=0).take_all()) == 10 and len(train.eval_dataset().take_all()) == 10
+    dropped = train.dropped()
+    assert dropped["dropped"] == {0: 28, -1: 28}
+    pairs = [(e["source"].rsplit("/", 1)[1], e["reason"]) for e in dropped["examples"]]
+    assert len(pairs) == 56 and set(pairs) == set(expected.items())  # each file twice, with one reason
