@@ -98,8 +98,15 @@ def assign_splits(
     free = [i for i in inputs if i.split == SPLIT_FREE or not keep_source_test]
     if fixed:
         ratios = {k: v for k, v in ratios.items() if k not in {i.split for i in fixed}}
-        total = sum(ratios.values()) or 1.0
-        ratios = {k: v / total for k, v in ratios.items()}
+        total = sum(ratios.values())
+        if free and total <= 0:
+            own = sorted({i.split for i in fixed})
+            raise ValueError(
+                f"prepare.split gives every share to {own}, which the source fixes itself, so its other "
+                f"{len(free)} inputs would go nowhere; give train/val a share (split={{train: 0.9, val: 0.1}}) "
+                "or set prepare.keep_source_test=false"
+            )
+        ratios = {k: v / (total or 1.0) for k, v in ratios.items()}
     out: dict[str, list[RawInput]] = defaultdict(list)
     for item in fixed:
         out[item.split].append(item)
@@ -165,13 +172,10 @@ def _unmark_finished(out: storage.Location) -> None:
 
 
 def _remove_stale_shards(out: storage.Location, manifest: dict) -> None:
-    """A rerun with fewer shards must not leave an earlier run's shards beside the new ones."""
+    """A rerun with fewer shards must not leave an earlier run's shards beside the new ones; a
+    listing that fails fails the job (before the manifest is written), never skips the cleanup."""
     keep = {s["path"] for info in manifest["splits"].values() for s in info["shards"]}
-    try:
-        existing = storage.list_files(out)
-    except storage.StorageError:
-        return
-    for info in existing:
+    for info in storage.list_files(out, missing_ok=True):
         name = info.path[len(out.path) :].lstrip("/")
         if schema.SHARD_FILE.fullmatch(name) and name not in keep:
             out.fs.delete_file(info.path)

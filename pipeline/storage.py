@@ -81,11 +81,13 @@ def is_local(loc: Location) -> bool:
     return isinstance(loc.fs, pafs.LocalFileSystem)
 
 
-def list_files(loc: Location) -> list[pafs.FileInfo]:
-    """Every file under a prefix, recursively, sorted by path; a missing prefix is an error."""
-    infos = retrying(loc, lambda: loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)))
+def list_files(loc: Location, missing_ok: bool = False) -> list[pafs.FileInfo]:
+    """Every file under a prefix, recursively, sorted by path; a missing or empty prefix is an
+    error, or [] with `missing_ok`. Any other failure (access, endpoint) is always an error."""
+    selector = pafs.FileSelector(loc.path, recursive=True, allow_not_found=missing_ok)
+    infos = retrying(loc, lambda: loc.fs.get_file_info(selector))
     files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
-    if not files:
+    if not files and not missing_ok:
         raise StorageError(f"{loc.uri}: no files under this prefix; check the path")
     return files
 

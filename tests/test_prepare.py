@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 from images import bad_files, bomb_png, jpeg_bytes, upload_tree, write_imagefolder
+from processes import free_port
 
+from pipeline import storage
 from pipeline.config import PrepareConfig, StorageConfig
 from pipeline.layouts import RawInput
 from pipeline.prepare import PrepareError, run
@@ -327,3 +329,31 @@ def test_the_tar_size_estimate_is_an_upper_bound():
                     )
                 )
         assert len(buf.getvalue()) <= TAR_TAIL + sum(sample_tar_bytes(i, "ünïcode class") for i in items[:n])
+
+
+def test_a_split_that_leaves_the_free_inputs_nowhere_is_a_config_error():
+    from pipeline.prepare import assign_splits
+
+    inputs = [RawInput(f"train_{i}", i % 2, f"x#{i}", index=i) for i in range(6)]
+    inputs += [RawInput(f"test_{i}", i % 2, f"y#{i}", index=6 + i, split="test") for i in range(4)]
+    with pytest.raises(ValueError, match=r"every share to \['test'\].* other 6 inputs would go nowhere"):
+        assign_splits(inputs, {"test": 1.0}, 0, keep_source_test=True)
+    kept = assign_splits(inputs, {"test": 1.0}, 0, keep_source_test=False)  # then the ratio applies to all
+    assert {name: len(items) for name, items in kept.items()} == {"test": 10}
+    both = assign_splits(inputs, {"train": 0.5, "test": 0.5}, 0, keep_source_test=True)
+    assert {name: len(items) for name, items in both.items()} == {"train": 6, "test": 4}
+
+
+def test_stale_shard_cleanup_fails_the_job_when_the_listing_fails(tmp_path):
+    from pipeline.prepare import _remove_stale_shards
+
+    manifest = {"splits": {"train": {"shards": [{"path": "train-000000.tar"}]}}}
+    _remove_stale_shards(storage.resolve(str(tmp_path / "not-yet")), manifest)  # nothing there: nothing stale
+    (tmp_path / "out").mkdir()
+    for name in ("train-000000.tar", "train-000001.tar", "notes.txt"):
+        (tmp_path / "out" / name).write_bytes(b"x")
+    _remove_stale_shards(storage.resolve(str(tmp_path / "out")), manifest)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt", "train-000000.tar"]
+    down = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1, retry_seconds=0)
+    with pytest.raises(storage.StorageError, match="s3://bucket/prepared"):
+        _remove_stale_shards(storage.resolve("s3://bucket/prepared", down), manifest)
