@@ -132,7 +132,7 @@ def _label_pattern(pattern: str | None) -> re.Pattern | None:
         return None
     compiled = re.compile(pattern)
     if "label" not in compiled.groupindex:
-        raise ValueError(f"prepare.labels.label_pattern {pattern!r} needs a named group (?P<label>...)")
+        raise ValueError(f"prepare.labels.label_pattern '{pattern}' needs a named group (?P<label>...)")
     return compiled
 
 
@@ -146,7 +146,7 @@ def _apply_pattern(row: LabelRow, pattern: re.Pattern | None, text: str | None) 
         m = pattern.search(label)
         label = m.group("label") if m else ""
         if not label:
-            return LabelRow(row.line, row.path, "", f"label {row.label[:40]!r} does not match label_pattern {text!r}")
+            return LabelRow(row.line, row.path, "", f"label {row.label[:40]!r} does not match label_pattern '{text}'")
     if not label:
         return LabelRow(row.line, row.path, "", "no label in the row")
     return LabelRow(row.line, row.path, label)

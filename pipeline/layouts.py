@@ -113,6 +113,8 @@ def detect_layout(loc: storage.Location, rel: list[str], extensions) -> str:
     if any(re.fullmatch(r".*-images[-.]idx3-ubyte(\.gz)?", n) for n in names):
         return "mnist"
     depths = {r.count("/") for r in rel if is_image(r, extensions)}
+    if not depths:
+        raise ValueError(f"{loc.uri}: no image files ({', '.join(extensions)}) under this prefix")
     if depths == {1}:
         return "imagefolder"
     if depths == {0}:
@@ -150,14 +152,14 @@ def imagefolder(loc: storage.Location, files, classes: list[str] | None) -> Disc
 def _flat(loc: storage.Location, files, label_pattern: str, classes: list[str] | None) -> Discovery:
     pattern = re.compile(label_pattern)
     if "label" not in pattern.groupindex:
-        raise ValueError(f"prepare.label_pattern {label_pattern!r} needs a named group (?P<label>...)")
+        raise ValueError(f"prepare.label_pattern '{label_pattern}' needs a named group (?P<label>...)")
     rels = [f.path[len(loc.path) :].lstrip("/") for f in files]
     labels = [_match_label(pattern, r) for r in rels]
     found = sorted({lab for lab in labels if lab})
     labelled = sum(1 for lab in labels if lab)
     if classes is None and labelled >= MIN_FILES_FOR_CLASS_CHECK and len(found) > labelled / 2:
         raise ValueError(
-            f"{loc.uri}: prepare.label_pattern {label_pattern!r} gives {len(found)} classes for {labelled} files "
+            f"{loc.uri}: prepare.label_pattern '{label_pattern}' gives {len(found)} classes for {labelled} files "
             f"(e.g. {found[:3]}): it captures more than the class. Set a pattern whose (?P<label>...) group holds "
             "the class alone, list prepare.classes, or use layout=imagefolder"
         )
@@ -166,7 +168,7 @@ def _flat(loc: storage.Location, files, label_pattern: str, classes: list[str] |
     inputs = []
     for f, r, lab in zip(files, rels, labels):
         problem = (
-            f"file name does not match prepare.label_pattern {label_pattern!r}"
+            f"file name does not match prepare.label_pattern '{label_pattern}'"
             if not lab
             else f"label {lab!r} is not in prepare.classes"
         )

@@ -65,8 +65,8 @@ def test_bad_rows_are_rows_with_a_reason_and_the_pattern_picks_the_label():
     assert [r.problem for r in rows] == [
         "",
         "1 columns, fewer than the label file's columns",
-        "label '' does not match label_pattern '^(?P<label>n\\\\d{8})\\\\b'",
-        "label '12 5 5' does not match label_pattern '^(?P<label>n\\\\d{8})\\\\b'",
+        "label '' does not match label_pattern '^(?P<label>n\\d{8})\\b'",
+        "label '12 5 5' does not match label_pattern '^(?P<label>n\\d{8})\\b'",
         "",
     ]
 

@@ -289,7 +289,7 @@ def test_flat_default_pattern_wants_label_dot_id(ray_session, tmp_path):
         (camera / f"IMG_{i:04d}.jpg").write_bytes(jpeg_bytes(seed=i))
     with pytest.raises(
         ValueError,
-        match=r"label_pattern '\^\(\?P<label>\[\^\.\]\+\)\\\\\.' gives 25 classes for 25 files "
+        match=r"label_pattern '\^\(\?P<label>\[\^\.\]\+\)\\\.' gives 25 classes for 25 files "
         r".* captures more than the class",
     ):
         prepare(camera, tmp_path / "out2", layout="flat", label_pattern=r"^(?P<label>[^.]+)\.")
