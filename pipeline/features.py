@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -21,6 +22,8 @@ import torch
 
 from pipeline import augment, devices, placement, schema, storage
 from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig
+from pipeline.engine import choose as choose_engine
+from pipeline.engine import onnx_backbone
 from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
 from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors, write_run_file
 from pipeline.placement import ActorPlan
@@ -54,6 +57,7 @@ class Embedder:
         device: str = "cpu",
         precision: str = "fp32",
         batch_size: int = 64,
+        engine: str = "eager",
     ):
         torch.set_num_threads(threads)
         if isinstance(weights, ray.ObjectRef):  # fetched once on the driver, shipped through the object store
@@ -63,6 +67,12 @@ class Embedder:
         self.model = create_backbone(weights).to(self.device, memory_format=torch.channels_last).eval()
         self.model.requires_grad_(False)
         self.prep = weights.preprocessing
+        self.engine, self.run_trunk = "eager", self.model
+        if engine == "onnxruntime" and self.device.type == "cpu":
+            self.engine = engine
+            self.run_trunk = onnx_backbone(
+                self.model, weights.backbone, weights.digest, self.prep.crop_size, max(1, threads)
+            )
         self.normalize = DeviceNormalizer(self.prep, self.device)
         self.dtype = np.dtype(dtype)
         self.batch_size, self.staging = batch_size, None
@@ -71,7 +81,9 @@ class Embedder:
             crop = self.prep.crop_size
             self.staging = torch.empty((batch_size, crop, crop, 3), dtype=torch.uint8).pin_memory()
         log.info(
-            "model actor on %s", devices.describe(self.device, precision if self.device.type == "cuda" else "fp32")
+            "model actor on %s, %s",
+            devices.describe(self.device, precision if self.device.type == "cuda" else "fp32"),
+            self.engine,
         )
 
     def __call__(self, batch: Batch) -> Batch:
@@ -87,7 +99,7 @@ class Embedder:
         """(N, H, W, 3) uint8 -> (N, dim) embeddings on the model's device (fp32 on CPU, the
         precision's float on GPU)."""
         if self.staging is None:
-            return self.model(self.normalize(readonly_tensor(pixels))).float()
+            return self.run_trunk(self.normalize(readonly_tensor(pixels))).float()
         chunks = []
         for start in range(0, len(pixels), self.batch_size):
             part = pixels[start : start + self.batch_size]
@@ -107,14 +119,21 @@ class Embedder:
 
 
 def model_actor_plan(
-    model_cfg: ModelConfig, requested: int | None, rows: int, batch_size: int, cpu_only: str | None = None
+    model_cfg: ModelConfig,
+    requested: int | None,
+    rows: int,
+    batch_size: int,
+    cpu_only: str | None = None,
+    digest: str = "",
 ) -> ActorPlan:
     """The connected cluster's plan for `rows` inputs in model batches of `batch_size`, logged in
-    one line; `cpu_only` names the setting that keeps CPU work off GPU nodes, when it is on."""
+    one line; `cpu_only` names the setting that keeps CPU work off GPU nodes, when it is on;
+    `digest` (the weights') keys a cached engine export."""
     nodes = ray.nodes()
     single_node = len([n for n in nodes if n["Alive"]]) == 1
     cores = (os.cpu_count() or 1) if single_node else None
     plan = placement.plan_actors(model_cfg, requested, math.ceil(rows / batch_size), cores, cpu_only)
+    plan = replace(plan, engine=choose_engine(model_cfg.engine, plan.device, digest))
     where = "CPU-only nodes" if plan.cpu_selector else "any node"
     log.info(
         "plan: %s; %s, batch %d; reads + decode: tasks of 1 CPU on %s",
@@ -151,6 +170,7 @@ def stream_units(
         "device": plan.device,
         "precision": plan.precision,
         "batch_size": batch_size,
+        "engine": plan.engine,
     }
     ds = ds.map_batches(
         actor,
@@ -206,7 +226,7 @@ def run(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig)
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
     dim = create_backbone(weights).dim
     cpu_only = "features.cpu_only_nodes" if cfg.cpu_only_nodes else None
-    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size, cpu_only)
+    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size, cpu_only, weights.digest)
     metadata = {
         **{k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in weights.describe().items()},
         "dim": str(dim),

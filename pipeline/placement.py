@@ -42,6 +42,7 @@ class ActorPlan:
     precision: str  # "bf16" | "fp16" | "fp32"
     start_wait_s: float = -1  # how long the pool may take to start its first actor; -1: no bound
     cpu_selector: tuple[tuple[str, str], ...] = ()  # label selector of CPU work (reads, decode, CPU actors)
+    engine: str = "eager"  # how the actors run the backbone (`engine.choose`)
 
     @property
     def cpu_remote_args(self) -> dict:
@@ -63,7 +64,7 @@ class ActorPlan:
         count = f"{self.min_size}" if self.min_size == self.max_size else f"{self.min_size}..{self.max_size}"
         return (
             f"model actors: {count} x ({self.num_cpus:.2g} CPU, {self.num_gpus:g} GPU, {self.threads} torch threads), "
-            f"{self.device} {self.precision}"
+            f"{self.device} {self.precision}, {self.engine}"
         )
 
 

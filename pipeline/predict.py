@@ -133,7 +133,7 @@ def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig)
     label_map = np.array([index.get(c, -1) for c in (source.classes or ())], dtype=np.int64)
     k = min(cfg.top_k, len(classes))
     cpu_only = "classify.cpu_only_nodes" if cfg.cpu_only_nodes else None
-    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size, cpu_only)
+    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size, cpu_only, weights.digest)
     metadata = {
         "model": model_name,
         "compute": plan.compute,

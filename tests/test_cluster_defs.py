@@ -121,7 +121,7 @@ def test_dockerfile_builds_the_pinned_ray_with_the_tested_packages():
     assert base and base.group(1) == pinned == ray.__version__
     for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", text, re.M):
         assert all((ROOT / src).exists() for src in line.split()[:-1]), line
-    assert "pip install --no-cache-dir -c constraints.txt ." in text
+    assert 'pip install --no-cache-dir -c constraints.txt ".[onnx]"' in text
 
 
 def _gib(quantity: str) -> float:

@@ -1,0 +1,115 @@
+"""How the frozen backbone runs in the model actors of `features` and `classify` (`model.engine`).
+
+- `eager`: PyTorch as it is (channels-last; on GPU bf16/fp16 autocast, see `devices`).
+- `onnxruntime`: the backbone exported once to ONNX and run by ONNX Runtime's CPU kernels, which
+  fuse convolution, batch norm and activation and pick AVX-512/AVX2 kernels for the machine.
+  Outputs agree with eager fp32 to float rounding (cosine > 0.9999; `tests/test_engine.py`).
+- `auto`: `onnxruntime` on CPU when the package is installed (`pip install imgpipe[onnx]`),
+  `eager` on GPU (ONNX Runtime's CUDA provider is not part of the install) and when it is not.
+
+The export is cached on the node's disk (`IMGPIPE_CACHE`, default `~/.cache/imgpipe`), keyed by
+the weights' digest, the crop size and the torch version; a file lock makes the first actor of a
+node export it while the others wait and then load the same file, so a job pays for one export
+per node, once, and later jobs pay for none.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("imgpipe")
+
+ENGINES = ("auto", "eager", "onnxruntime")
+OPSET = 17
+
+
+def onnxruntime_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def choose(requested: str, device: str, digest: str = "x") -> str:
+    """The engine a plan runs: `requested` (auto | eager | onnxruntime) on `device` (cpu | cuda).
+    A backbone without a weights digest (random init) always runs eager: there is nothing stable
+    to key a cached export by."""
+    if requested not in ENGINES:
+        raise ValueError(f"model.engine must be one of {', '.join(ENGINES)}, got {requested!r}")
+    if device == "cuda":
+        if requested == "onnxruntime":
+            raise ValueError("model.engine=onnxruntime runs on CPUs only; on GPUs use auto or eager")
+        return "eager"
+    if requested == "onnxruntime" and not onnxruntime_installed():
+        raise ValueError(
+            "model.engine=onnxruntime needs the onnxruntime and onnx packages: pip install 'imgpipe[onnx]', "
+            "or set model.engine=eager"
+        )
+    if requested == "auto":
+        return "onnxruntime" if onnxruntime_installed() and digest else "eager"
+    return requested if digest else "eager"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IMGPIPE_CACHE") or Path.home() / ".cache" / "imgpipe")
+
+
+class OnnxBackbone:
+    """The backbone as an ONNX Runtime session: (N, 3, H, W) float32 -> (N, dim) float32."""
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {self.input: batch})[0])
+
+
+def onnx_backbone(model: torch.nn.Module, name: str, digest: str, crop: int, threads: int) -> OnnxBackbone:
+    """An ONNX Runtime session for `model` (a `models.Backbone`), exported once per node and cached."""
+    from filelock import FileLock
+
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}-{digest}")[:120]
+    torch_version = torch.__version__.split("+")[0]
+    path = cache_dir() / "onnx" / f"{tag}-{crop}px-torch{torch_version}-opset{OPSET}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=600):
+        if not path.exists():
+            started = time.perf_counter()
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            export(model, crop, partial)
+            partial.replace(path)  # whole or absent: a crashed export leaves no half file to load
+            log.info("engine: exported %s to ONNX in %.1f s (%s)", name, time.perf_counter() - started, path)
+    return OnnxBackbone(path, threads)
+
+
+def export(model: torch.nn.Module, crop: int, path: Path) -> None:
+    """`model` (NCHW float -> embedding) to an ONNX file with a dynamic batch dimension."""
+    import copy
+    import warnings
+
+    plain = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, per export
+        torch.onnx.export(
+            plain,
+            (torch.zeros(1, 3, crop, crop),),
+            str(path),
+            input_names=["pixels"],
+            output_names=["embedding"],
+            dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
