@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import report, schema, storage
+from pipeline import embedmap, report, runreport, schema, storage
 from pipeline.config import HeadConfig, StorageConfig
 from pipeline.features import RUN_FILE
-from pipeline.parts import read_parts
+from pipeline.parts import ERRORS_FILE, read_parts
 
 log = logging.getLogger("imgpipe")
 
@@ -290,7 +291,9 @@ def run(cfg: HeadConfig, storage_cfg: StorageConfig) -> dict:
     if not cfg.features or not cfg.output:
         raise ValueError("train-head needs head.features and head.output (URIs or local paths)")
     out = storage.resolve(cfg.output, storage_cfg)
+    started = time.perf_counter()
     data = load_features(cfg.features, storage_cfg)
+    loaded = time.perf_counter()
     splits = choose_splits(data, cfg.val_fraction, cfg.seed)
     log.info(
         "train-head: %s head on %d-d %s features, %d classes; %s",
@@ -314,7 +317,40 @@ def run(cfg: HeadConfig, storage_cfg: StorageConfig) -> dict:
         _, topk = evaluate(head, *splits[name])
         metrics[name] = report.classification_metrics(splits[name][1], topk, data.classes)
     write_head(out, head, spec, data, cfg, metrics)
-    return {**metrics, "output": out.uri}
+    timings = {
+        "load features": round(loaded - started, 1),
+        "train, score, write": round(time.perf_counter() - loaded, 1),
+    }
+    written = write_head_report(out, cfg, storage_cfg, data, splits, metrics, timings)
+    return {**metrics, "output": out.uri, "report": written.uri}
+
+
+def write_head_report(
+    out: storage.Location, cfg: HeadConfig, storage_cfg, data: FeatureSet, splits: dict, metrics: dict, timings: dict
+) -> storage.Location:
+    """report.html: the features' counts and rejects, curves, scores, confusion, per-class table, embedding map."""
+    feats = storage.resolve(cfg.features, storage_cfg)
+    run = json.loads(storage.read_bytes(feats.join(RUN_FILE)))
+    errors = feats.join(ERRORS_FILE)
+    text = storage.read_bytes(errors).decode() if storage.exists(errors) else ""
+    counts = {f"feature {k}": run[k] for k in ("inputs", "rows", "rejected") if k in run}
+    counts.update({f"{s} rows (labelled)": len(v[1]) for s, v in splits.items()})
+    started = time.perf_counter()
+    x, y = (np.concatenate(arrays) for arrays in zip(*splits.values()))
+    png, caption = embedmap.embedding_map(x, y, data.classes, seed=cfg.seed)
+    rep = runreport.RunReport(
+        f"train-head: {cfg.kind} head on {data.identity['backbone']} features",
+        f"{cfg.features} -> {out.uri}; kept epoch {metrics['best_epoch']} of {metrics['epochs_run']}",
+        config=cfg.model_dump(mode="json"),
+        counts=counts,
+        rejects=[json.loads(line) for line in text.splitlines() if line.strip()],
+        metrics={s: metrics[s] for s in ("train", "val", "test") if s in metrics},
+        history=metrics["history"],
+        figures=[("Embedding map", png, caption)],
+        timings={**timings, "embedding map": round(time.perf_counter() - started, 1)},
+    )
+    storage.write_bytes(out.join("embedding.png"), png)
+    return runreport.write(out, rep)
 
 
 def write_head(

@@ -1,0 +1,215 @@
+"""Error galleries from a `classify` output: pick the telling rows, fetch only their images, draw grids.
+
+    predictions parts (key, label, pred, prob; the unit from each part's footer)
+      -> select_galleries: most confident mistakes (overall, per class), least confident correct,
+         most confused class pairs with examples
+      -> fetch_images: only the units (shards or files) that hold a picked row, nothing else
+      -> gallery_png: a captioned grid per gallery
+
+A prepared shard is read whole when one of its samples is shown (a tar has no index; a shard is
+bounded by `prepare.shard_max_mb`); a raw image is read alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipeline import schema, storage
+from pipeline.config import IMAGE_EXTENSIONS, StorageConfig
+from pipeline.parts import read_part_info, read_parts
+from pipeline.sources import ImageSource, Unit, open_images
+
+log = logging.getLogger("imgpipe")
+
+UNIT = "unit"  # column added to predictions read back: the input unit (shard or chunk) of the row
+THUMB = 96  # pixels, the long side of a gallery cell
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """A titled list of picked rows (dicts with key, label, pred, prob, unit), best example first."""
+
+    title: str
+    rows: list[dict]
+
+
+def read_predictions(out: storage.Location, parts: list[str]) -> pa.Table:
+    """key, label, pred, prob of every part, plus the unit each row came from (from the part's footer)."""
+    tables = []
+    for path in parts:
+        unit = read_part_info(out.join(path)).metadata.get("unit", "")
+        table = read_parts(out, [path], [schema.KEY, schema.LABEL, schema.PRED, schema.PROB])
+        tables.append(table.append_column(UNIT, pa.array([unit] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def select_galleries(
+    table: pa.Table,
+    classes: list[str],
+    per_gallery: int = 16,
+    per_class: int = 4,
+    max_classes: int = 10,
+    pairs: int = 5,
+    per_pair: int = 4,
+) -> list[Gallery]:
+    """The galleries of labelled rows: most confident mistakes overall and for the `max_classes`
+    true classes with the most mistakes, least confident correct, and the `pairs` most confused
+    (true, predicted) pairs. Ties break by key, so the pick is the same on every run."""
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in (schema.LABEL, schema.PRED, schema.PROB)}
+    keys = np.asarray(table.column(schema.KEY).to_pylist(), dtype=object)
+    units = np.asarray(table.column(UNIT).to_pylist(), dtype=object)
+    label, pred, prob = cols[schema.LABEL].astype(np.int64), cols[schema.PRED].astype(np.int64), cols[schema.PROB]
+    labelled = label >= 0
+    wrong, right = labelled & (pred != label), labelled & (pred == label)
+    key_order = np.argsort(keys.astype(str), kind="stable")
+
+    def pick(mask: np.ndarray, confident: bool, n: int) -> list[dict]:
+        rows = key_order[mask[key_order]]  # in key order, then a stable sort by probability
+        rows = rows[np.argsort(-prob[rows] if confident else prob[rows], kind="stable")][:n]
+        return [
+            {
+                "key": str(keys[i]),
+                "label": int(label[i]),
+                "pred": int(pred[i]),
+                "prob": float(prob[i]),
+                "unit": units[i],
+            }
+            for i in rows
+        ]
+
+    galleries = [
+        Gallery("most confident mistakes", pick(wrong, True, per_gallery)),
+        Gallery("least confident correct predictions", pick(right, False, per_gallery)),
+    ]
+    mistakes = np.bincount(label[wrong], minlength=len(classes))
+    for c in [int(c) for c in np.argsort(-mistakes, kind="stable")[:max_classes] if mistakes[c]]:
+        galleries.append(
+            Gallery(
+                f"most confident mistakes on true class {classes[c]!r}", pick(wrong & (label == c), True, per_class)
+            )
+        )
+    for true, predicted, count in top_confusions(label[wrong], pred[wrong], pairs):
+        title = f"{classes[true]!r} taken for {classes[predicted]!r} ({count} times)"
+        galleries.append(Gallery(title, pick(wrong & (label == true) & (pred == predicted), True, per_pair)))
+    return [g for g in galleries if g.rows]
+
+
+def top_confusions(labels: np.ndarray, preds: np.ndarray, n: int) -> list[tuple[int, int, int]]:
+    """The `n` most frequent (true, predicted) pairs among mistakes, most first (ties: lower indices first)."""
+    pairs, counts = np.unique(np.stack([labels, preds], 1), axis=0, return_counts=True) if len(labels) else ([], [])
+    order = np.argsort(-np.asarray(counts), kind="stable")[:n]
+    return [(int(pairs[i][0]), int(pairs[i][1]), int(counts[i])) for i in order]
+
+
+def fetch_images(source: ImageSource, wanted: dict[str, set[str]]) -> dict[str, bytes]:
+    """The encoded bytes of the wanted keys ({unit name: keys}); reads only the units named there."""
+    units = {u.name: u for u in source.units}
+    found: dict[str, bytes] = {}
+    for name, keys in wanted.items():
+        unit = units.get(name)
+        if unit is None:
+            log.warning("gallery: unit %s is no longer in %s; its images are left out", name, source.location.uri)
+            continue
+        reader = _shard_images if source.kind == "shards" else _file_images
+        try:
+            found.update(reader(source.location, unit, keys))
+        except storage.StorageError as exc:
+            log.warning("gallery: cannot read %s (%s); its images are left out", name, exc)
+    return found
+
+
+def _shard_images(loc: storage.Location, unit: Unit, keys: set[str]) -> dict[str, bytes]:
+    data = storage.read_bytes(storage.Location(loc.fs, unit.paths[0], f"{loc.uri}/{unit.name}.tar"))
+    found = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            directory, _, base = member.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            key = f"{directory}/{stem}" if directory else stem
+            if member.isfile() and key in keys and ext.lower() in IMAGE_EXTENSIONS:
+                found[key] = tar.extractfile(member).read()
+    return found
+
+
+def _file_images(loc: storage.Location, unit: Unit, keys: set[str]) -> dict[str, bytes]:
+    paths = dict(zip(unit.keys, unit.paths))
+    return {k: storage.read_bytes(storage.Location(loc.fs, paths[k], paths[k])) for k in keys if k in paths}
+
+
+def gallery_png(gallery: Gallery, images: dict[str, bytes], classes: list[str], columns: int = 8) -> bytes:
+    """A grid of the gallery's images, each captioned `true -> predicted, p=0.97` (a missing image: a grey cell)."""
+    n = len(gallery.rows)
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(1.6 * cols, 1.9 * rows + 0.4), dpi=80)
+    fig.suptitle(gallery.title, fontsize=10)
+    for i, row in enumerate(gallery.rows):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(thumbnail(images.get(row["key"])), interpolation="nearest")
+        right = row["label"] == row["pred"]
+        ax.set_title(
+            f"{_short(classes[row['label']])} -> {_short(classes[row['pred']])}\np={row['prob']:.2f}",
+            fontsize=7,
+            color="darkgreen" if right else "firebrick",
+        )
+        ax.set_axis_off()
+    return _png(fig)
+
+
+def thumbnail(data: bytes | None) -> np.ndarray:
+    """RGB uint8 of an encoded image, its long side at most THUMB; grey when missing or undecodable."""
+    if data is None:
+        return np.full((THUMB, THUMB, 3), 200, np.uint8)
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (THUMB, THUMB))
+        img = img.convert("RGB")
+        img.thumbnail((THUMB, THUMB))
+        return np.asarray(img)
+    except Exception:  # noqa: BLE001 - a damaged image is shown as missing, the gallery goes on
+        return np.full((THUMB, THUMB, 3), 200, np.uint8)
+
+
+def prediction_galleries(
+    out: storage.Location, storage_cfg: StorageConfig | None, splits: list[str] | None = None
+) -> list[tuple[str, bytes]]:
+    """Galleries of a finished classify output (its `predictions.json`), as (title, PNG) pairs;
+    [] when it has no labelled rows. Reads the predictions and only the images shown."""
+    run = json.loads(storage.read_bytes(out.join("predictions.json")))
+    parts = [p for p in run["parts"] if not splits or p.split("/", 1)[0] in splits]
+    table = read_predictions(out, parts)
+    classes = json.loads(run["identity"]["classes"])
+    galleries = select_galleries(table, classes) if table.num_rows else []
+    if not galleries:
+        return []
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for g in galleries:
+        for row in g.rows:
+            wanted[row["unit"]].add(row["key"])
+    kind = run["identity"].get("kind", "auto")
+    images = fetch_images(open_images(run["identity"]["source"], storage_cfg, kind=kind), wanted)
+    log.info("gallery: %d images read from %d units for %d galleries", len(images), len(wanted), len(galleries))
+    return [(g.title, gallery_png(g, images, classes)) for g in galleries]
+
+
+def _short(name: str, width: int = 14) -> str:
+    return name if len(name) <= width else name[: width - 1] + "~"
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
