@@ -45,12 +45,12 @@ class Gallery:
     rows: list[dict]
 
 
-def read_predictions(out: storage.Location, parts: list[str]) -> pa.Table:
-    """key, label, pred, prob of every part, plus the unit each row came from (from the part's footer)."""
+def read_keyed(out: storage.Location, parts: list[str], columns: list[str]) -> pa.Table:
+    """`columns` of every part (predictions or features), plus the unit each row came from (the part's footer)."""
     tables = []
     for path in parts:
         unit = read_part_info(out.join(path)).metadata.get("unit", "")
-        table = read_parts(out, [path], [schema.KEY, schema.LABEL, schema.PRED, schema.PROB])
+        table = read_parts(out, [path], columns)
         tables.append(table.append_column(UNIT, pa.array([unit] * table.num_rows, pa.string())))
     return pa.concat_tables(tables) if tables else pa.table({})
 
@@ -182,15 +182,20 @@ def thumbnail(data: bytes | None) -> np.ndarray:
         return np.full((THUMB, THUMB, 3), 200, np.uint8)
 
 
-def prediction_galleries(
-    out: storage.Location, storage_cfg: StorageConfig | None, splits: list[str] | None = None
-) -> list[tuple[str, bytes]]:
-    """Galleries of a finished classify output (its `predictions.json`), as (title, PNG) pairs;
-    [] when it has no labelled rows. Reads the predictions and only the images shown."""
+def prediction_galleries(out: storage.Location, storage_cfg: StorageConfig | None) -> list[tuple[str, bytes]]:
+    """Galleries of a finished classify output (its `predictions.json`) as (title, PNG) pairs; [] when
+    it has no labelled rows. Reads the predictions and only the images shown."""
     run = json.loads(storage.read_bytes(out.join("predictions.json")))
-    parts = [p for p in run["parts"] if not splits or p.split("/", 1)[0] in splits]
-    table = read_predictions(out, parts)
-    classes = json.loads(run["identity"]["classes"])
+    table = read_keyed(out, run["parts"], [schema.KEY, schema.LABEL, schema.PRED, schema.PROB])
+    identity = run["identity"]
+    return draw_galleries(table, json.loads(identity["classes"]), identity["source"], identity["kind"], storage_cfg)
+
+
+def draw_galleries(
+    table: pa.Table, classes: list[str], source_uri: str, kind: str, storage_cfg: StorageConfig | None
+) -> list[tuple[str, bytes]]:
+    """Select the galleries of `table` (key, label, pred, prob, unit), fetch their images from the
+    source the rows came from, draw them; [] when nothing to show or the source is gone."""
     galleries = select_galleries(table, classes) if table.num_rows else []
     if not galleries:
         return []
@@ -198,8 +203,12 @@ def prediction_galleries(
     for g in galleries:
         for row in g.rows:
             wanted[row["unit"]].add(row["key"])
-    kind = run["identity"].get("kind", "auto")
-    images = fetch_images(open_images(run["identity"]["source"], storage_cfg, kind=kind), wanted)
+    try:
+        source = open_images(source_uri, storage_cfg, kind=kind)
+    except (ValueError, storage.StorageError) as exc:
+        log.warning("gallery: the images of %s cannot be read (%s); no galleries", source_uri, exc)
+        return []
+    images = fetch_images(source, wanted)
     log.info("gallery: %d images read from %d units for %d galleries", len(images), len(wanted), len(galleries))
     return [(g.title, gallery_png(g, images, classes)) for g in galleries]
 

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from pipeline import embedmap, report, runreport, schema, storage
+from pipeline import embedmap, gallery, report, runreport, schema, storage
 from pipeline.config import HeadConfig, StorageConfig
 from pipeline.features import RUN_FILE
 from pipeline.parts import ERRORS_FILE, read_parts
@@ -321,14 +323,22 @@ def run(cfg: HeadConfig, storage_cfg: StorageConfig) -> dict:
         "load features": round(loaded - started, 1),
         "train, score, write": round(time.perf_counter() - loaded, 1),
     }
-    written = write_head_report(out, cfg, storage_cfg, data, splits, metrics, timings)
+    written = write_head_report(out, cfg, storage_cfg, data, splits, metrics, timings, head)
     return {**metrics, "output": out.uri, "report": written.uri}
 
 
 def write_head_report(
-    out: storage.Location, cfg: HeadConfig, storage_cfg, data: FeatureSet, splits: dict, metrics: dict, timings: dict
+    out: storage.Location,
+    cfg: HeadConfig,
+    storage_cfg,
+    data: FeatureSet,
+    splits: dict,
+    metrics: dict,
+    timings: dict,
+    head: nn.Module,
 ) -> storage.Location:
-    """report.html: the features' counts and rejects, curves, scores, confusion, per-class table, embedding map."""
+    """report.html: the features' counts and rejects, curves, scores, confusion, per-class table, the
+    scored split's error galleries, embedding map."""
     feats = storage.resolve(cfg.features, storage_cfg)
     run = json.loads(storage.read_bytes(feats.join(RUN_FILE)))
     errors = feats.join(ERRORS_FILE)
@@ -347,8 +357,14 @@ def write_head_report(
         metrics={s: metrics[s] for s in ("train", "val", "test") if s in metrics},
         history=metrics["history"],
         figures=[("Embedding map", png, caption)],
-        timings={**timings, "embedding map": round(time.perf_counter() - started, 1)},
     )
+    mapped = time.perf_counter()
+    rep.galleries = head_galleries(feats, run, data, splits, head, storage_cfg)
+    rep.timings = {
+        **timings,
+        "embedding map": round(mapped - started, 1),
+        "galleries": round(time.perf_counter() - mapped, 1),
+    }
     storage.write_bytes(out.join("embedding.png"), png)
     return runreport.write(out, rep)
 
@@ -387,6 +403,37 @@ def write_head(
         out.join("confusion.png"),
         report.plot_confusion(metrics[shown]["confusion_matrix"], data.classes, f"confusion matrix ({shown})"),
     )
+
+
+def head_galleries(
+    feats: storage.Location, run: dict, data: FeatureSet, splits: dict, head: nn.Module, storage_cfg
+) -> list[tuple[str, bytes]]:
+    """Error galleries of the head on the scored split (test, else val), with the images the features
+    came from; [] when that split is a holdout of another (its rows' keys are not at hand here)."""
+    split = "test" if "test" in splits else "val"
+    if split not in data.y or len(splits[split][1]) != int((data.y[split] >= 0).sum()):
+        return []
+    table = gallery.read_keyed(
+        feats, [p for p in run["parts"] if p.startswith(split + "/")], [schema.KEY, schema.LABEL]
+    )
+    table = table.filter(pc.greater_equal(table.column(schema.LABEL), 0))
+    pred, prob = top_probabilities(head, splits[split][0])
+    table = table.append_column(schema.PRED, pa.array(pred, pa.int32())).append_column(schema.PROB, pa.array(prob))
+    identity = run["identity"]
+    return gallery.draw_galleries(table, data.classes, identity["source"], identity.get("kind", "auto"), storage_cfg)
+
+
+@single_threaded
+@torch.inference_mode()
+def top_probabilities(head: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The top class and its softmax probability per row, in chunks."""
+    preds, probs = [], []
+    for start in range(0, len(x), EVAL_CHUNK):
+        logits = head(torch.from_numpy(np.ascontiguousarray(x[start : start + EVAL_CHUNK])).float())
+        prob, pred = torch.softmax(logits, dim=1).max(dim=1)
+        preds.append(pred.numpy())
+        probs.append(prob.numpy())
+    return np.concatenate(preds).astype(np.int32), np.concatenate(probs).astype(np.float32)
 
 
 def _log_epoch(row: dict, every: int = 1) -> None:
