@@ -12,6 +12,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
+from images import prepare_without_ray, write_imagefolder
 from PIL import Image, ImageDraw
 
 from jobs import inspect as inspect_job
@@ -161,3 +162,15 @@ def test_inspect_a_train_head_head_and_a_finetune_export(tmp_path):
     assert result["stages"] == ["block1", "block2", "block3", "dense"] and result["filters"][1] == 3
     assert {c for c, _ in result["images"][0]["topk"]} == {"r", "g", "b"}
     assert os.path.isfile(storage.resolve(str(tmp_path / "f")).join("image-0-gradcam.png").path)
+
+
+def test_images_come_from_a_prepared_split_or_a_prefix_with_their_true_classes(tmp_path):
+    write_imagefolder(tmp_path / "raw", {"blue": 4, "red": 4})
+    prepare_without_ray(str(tmp_path / "raw"), str(tmp_path / "prepared"), shard_max_samples=2)
+    taken = inspection.take_images([str(tmp_path / "prepared")], "train", 3, None)
+    assert len(taken) == 3 and all(k.split("/")[0] == truth for k, _, truth in taken)
+    assert all(Image.open(io.BytesIO(data)).size == (48, 32) for _, data, _ in taken)
+    raw = inspection.take_images([str(tmp_path / "raw")], None, 5, None)
+    assert [truth for _, _, truth in raw] == ["blue"] * 4 + ["red"] and raw[0][0] == "blue/blue_0000"
+    one = inspection.take_images([str(tmp_path / "raw" / "red" / "red_0001.jpg")], None, 5, None)
+    assert [(n, t) for n, _, t in one] == [("red_0001.jpg", "")]
