@@ -22,9 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import schema, storage
 from pipeline.config import IMAGE_EXTENSIONS, StorageConfig
@@ -35,6 +33,8 @@ log = logging.getLogger("imgpipe")
 
 UNIT = "unit"  # column added to predictions read back: the input unit (shard or chunk) of the row
 THUMB = 96  # pixels, the long side of a gallery cell
+CAPTION = 32  # pixels under each cell: two lines of text
+PAD = 4
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def select_galleries(
             )
         )
     for true, predicted, count in top_confusions(label[wrong], pred[wrong], pairs):
-        title = f"{classes[true]!r} taken for {classes[predicted]!r} ({count} times)"
+        title = f"{classes[true]!r} taken for {classes[predicted]!r} ({count} time{'s' if count > 1 else ''})"
         galleries.append(Gallery(title, pick(wrong & (label == true) & (pred == predicted), True, per_pair)))
     return [g for g in galleries if g.rows]
 
@@ -149,37 +149,42 @@ def _file_images(loc: storage.Location, unit: Unit, keys: set[str]) -> dict[str,
 
 
 def gallery_png(gallery: Gallery, images: dict[str, bytes], classes: list[str], columns: int = 8) -> bytes:
-    """A grid of the gallery's images, each captioned `true -> predicted, p=0.97` (a missing image: a grey cell)."""
-    n = len(gallery.rows)
-    cols = min(columns, n)
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(1.6 * cols, 1.9 * rows + 0.4), dpi=80)
-    fig.suptitle(gallery.title, fontsize=10)
+    """A grid of the gallery's images, each captioned `true -> predicted` and `p=0.97` (green when
+    right, red when wrong); a missing image is a grey cell."""
+    cols = min(columns, len(gallery.rows))
+    rows = math.ceil(len(gallery.rows) / cols)
+    cell_w, cell_h = THUMB + 2 * PAD, THUMB + CAPTION + 2 * PAD
+    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=12)
     for i, row in enumerate(gallery.rows):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        ax.imshow(thumbnail(images.get(row["key"])), interpolation="nearest")
-        right = row["label"] == row["pred"]
-        ax.set_title(
-            f"{_short(classes[row['label']])} -> {_short(classes[row['pred']])}\np={row['prob']:.2f}",
-            fontsize=7,
-            color="darkgreen" if right else "firebrick",
-        )
-        ax.set_axis_off()
-    return _png(fig)
+        x, y = (i % cols) * cell_w + PAD, (i // cols) * cell_h + PAD
+        thumb = Image.fromarray(thumbnail(images.get(row["key"])))
+        sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
+        colour = (0, 110, 40) if row["label"] == row["pred"] else (190, 30, 30)
+        text = f"{_short(classes[row['label']])} -> {_short(classes[row['pred']])}\np={row['prob']:.2f}"
+        draw.multiline_text((x, y + THUMB + 2), text, fill=colour, font=font, spacing=1)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
 
 
 def thumbnail(data: bytes | None) -> np.ndarray:
-    """RGB uint8 of an encoded image, its long side at most THUMB; grey when missing or undecodable."""
+    """RGB uint8 of an encoded image fitted in THUMB x THUMB: large ones shrunk, small ones (a 12-px
+    digit) enlarged by a whole factor, pixels kept sharp; grey when missing or undecodable."""
     if data is None:
         return np.full((THUMB, THUMB, 3), 200, np.uint8)
     try:
         img = Image.open(io.BytesIO(data))
         img.draft("RGB", (THUMB, THUMB))
         img = img.convert("RGB")
-        img.thumbnail((THUMB, THUMB))
-        return np.asarray(img)
     except Exception:  # noqa: BLE001 - a damaged image is shown as missing, the gallery goes on
         return np.full((THUMB, THUMB, 3), 200, np.uint8)
+    factor = THUMB // max(img.size)
+    if factor >= 2:
+        img = img.resize((img.width * factor, img.height * factor), Image.NEAREST)
+    img.thumbnail((THUMB, THUMB))
+    return np.asarray(img)
 
 
 def prediction_galleries(out: storage.Location, storage_cfg: StorageConfig | None) -> list[tuple[str, bytes]]:
@@ -215,10 +220,3 @@ def draw_galleries(
 
 def _short(name: str, width: int = 14) -> str:
     return name if len(name) <= width else name[: width - 1] + "~"
-
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig)
-    fig.savefig(buf, format="png")
-    return buf.getvalue()

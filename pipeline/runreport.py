@@ -33,6 +33,7 @@ h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #
 table{border-collapse:collapse;margin:8px 0;font-size:.9em}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}
 td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}
+.gal{display:flex;flex-wrap:wrap;gap:14px 28px}.gal figure{margin:0}.gal figcaption{font-weight:600;margin:4px 0}
 pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:.85em}.note{color:#666;font-size:.9em}
 """
 
@@ -105,7 +106,10 @@ def render(rep: RunReport) -> str:
         body += _confusion(split, rep.metrics[split]) + _class_table(split, rep.metrics[split])
     if rep.galleries:
         body.append("<h2>Galleries</h2>")
-        body += [f"<h3>{_e(t)}</h3>{_img(png, t)}" for t, png in rep.galleries]
+        figures = "".join(
+            f"<figure><figcaption>{_e(t)}</figcaption>{_img(png, t)}</figure>" for t, png in rep.galleries
+        )
+        body.append(f"<div class=gal>{figures}</div>")
     for title, png, caption in rep.figures:
         body.append(f"<h2>{_e(title)}</h2>{_img(png, title)}<p class=note>{_e(caption)}</p>")
     if rep.timings:

@@ -48,7 +48,7 @@ def test_galleries_pick_the_right_rows_most_confident_wrong_first():
         "most confident mistakes on true class 'cat'": ["b", "a", "g"],
         "most confident mistakes on true class 'dog'": ["c"],
         "'cat' taken for 'dog' (3 times)": ["b", "a", "g"],
-        "'dog' taken for 'fox' (1 times)": ["c"],
+        "'dog' taken for 'fox' (1 time)": ["c"],
     }
     first = gallery.select_galleries(table, CLASSES)[0].rows[0]
     assert first == {"key": "b", "label": 0, "pred": 1, "prob": np.float32(0.95).item(), "unit": "test-000000"}
@@ -82,6 +82,15 @@ def _keys_of(s3, bucket: str, unit: str) -> set[str]:
 
 def test_gallery_png_has_a_cell_per_row_and_greys_missing_images():
     g = gallery.Gallery("t", [{"key": k, "label": 0, "pred": 1, "prob": 0.9, "unit": "u"} for k in "abc"])
-    png = gallery.gallery_png(g, {}, CLASSES)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert gallery.thumbnail(None).shape == (gallery.THUMB, gallery.THUMB, 3)
+    digit = io.BytesIO()
+    Image.new("L", (12, 12), 30).save(digit, format="PNG")
+    sheet = Image.open(io.BytesIO(gallery.gallery_png(g, {"a": digit.getvalue()}, CLASSES)))
+    cell = gallery.THUMB + 2 * gallery.PAD
+    assert sheet.size == (3 * cell, cell + gallery.CAPTION)
+    pad = gallery.PAD
+    assert sheet.getpixel((pad + 48, pad + 48)) == (30, 30, 30)  # the 12-px image, enlarged 8x to fill its cell
+    assert sheet.getpixel((cell + pad + 48, pad + 48)) == (200, 200, 200)  # "b": no image, a grey cell
+    big = io.BytesIO()
+    Image.new("RGB", (640, 480), (1, 2, 3)).save(big, format="JPEG")
+    assert gallery.thumbnail(big.getvalue()).shape == (72, 96, 3)
+    assert gallery.thumbnail(b"not an image").shape == (gallery.THUMB, gallery.THUMB, 3)

@@ -88,7 +88,7 @@ def test_a_1000_class_report_stays_bounded():
     metrics = _metrics(1000, 5)
     text = runreport.render(runreport.RunReport("big", metrics={"test": metrics}, counts={"inputs": 5000}))
     parsed = _parse(text)
-    assert len(text.encode()) < 100_000, len(text.encode())
+    assert len(text.encode()) < 20_000, len(text.encode())  # 11 KB measured
     assert parsed.tags.count("img") == 0  # no 1,000 x 1,000 picture: a table of the top confusions
     # counts (head + 1), accuracy (head + 1), top confusions, the lowest-F1 classes
     assert parsed.tags.count("tr") == 2 + 2 + (1 + runreport.TOP_CONFUSIONS) + (1 + runreport.MAX_CLASS_ROWS)
