@@ -343,7 +343,8 @@ def write_head_report(
     run = json.loads(storage.read_bytes(feats.join(RUN_FILE)))
     errors = feats.join(ERRORS_FILE)
     text = storage.read_bytes(errors).decode() if storage.exists(errors) else ""
-    counts = {f"feature {k}": run[k] for k in ("inputs", "rows", "rejected") if k in run}
+    names = {"inputs": "images in (features)", "rows": "embedded", "rejected": "rejected"}
+    counts = {names[k]: run[k] for k in names if k in run}
     counts.update({f"{s} rows (labelled)": len(v[1]) for s, v in splits.items()})
     started = time.perf_counter()
     x, y = (np.concatenate(arrays) for arrays in zip(*splits.values()))

@@ -140,7 +140,7 @@ def test_train_head_job_on_s3_writes_head_metrics_and_plots(s3, bucket):
     page = s3.get_object(Bucket=bucket, Key="head/report.html")["Body"].read().decode()
     assert metrics["report"] == f"s3://{bucket}/head/report.html" and page.startswith("<!DOCTYPE html>")
     # The features' counts (the run file's) and the splits' labelled rows, as the report shows them.
-    assert "<td>feature rows</td><td>240</td>" in page and "<td>test rows (labelled)</td><td>45</td>" in page
+    assert "<td>embedded</td><td>240</td>" in page and "<td>test rows (labelled)</td><td>45</td>" in page
     assert page.count("<img ") == 3 and "PCA" in page and "Per class (test)" in page
     for png in ("curves.png", "confusion.png"):
         assert s3.get_object(Bucket=bucket, Key=f"head/{png}")["Body"].read()[:8] == b"\x89PNG\r\n\x1a\n"
