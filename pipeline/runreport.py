@@ -4,7 +4,7 @@ per-class precision/recall/F1, top-k, galleries, embedding map and timings.
 Pictures are inline (PNG data URIs), so the file is whole on its own, opens from a bucket
 download and fetches nothing. Its size is bounded whatever the class count: the confusion matrix
 is a picture up to `MAX_MATRIX_CLASSES` and a table of the top confusions beyond, and the
-per-class table lists at most `MAX_CLASS_ROWS` classes (the worst F1 first; metrics.json has all).
+per-class table lists at most `MAX_CLASS_ROWS` classes (the worst F1 first; the run's JSON has all).
 """
 
 from __future__ import annotations
@@ -179,7 +179,10 @@ def _class_table(split: str, m: dict) -> list[str]:
     if len(classes) > MAX_CLASS_ROWS:
         order = sorted(order, key=lambda i: (scores[i]["f1"] if scores[i]["f1"] is not None else 2.0, i))
         order = order[:MAX_CLASS_ROWS]
-        note = f"<p class=note>the {MAX_CLASS_ROWS} classes of lowest F1 of {len(classes)}; metrics.json has all</p>"
+        note = (
+            f"<p class=note>the {MAX_CLASS_ROWS} classes of lowest F1 of {len(classes)}; "
+            "the run's JSON (metrics.json, predictions.json) has them all</p>"
+        )
     rows = [
         [classes[i], *[_num(scores[i][k]) for k in ("precision", "recall", "f1")], f"{scores[i]['support']:,}"]
         for i in order
