@@ -11,6 +11,7 @@ JOBS = {
     "train-head": "train a classifier head on cached embeddings",
     "finetune": "fine-tune a backbone on Ray Train (DDP), checkpointed and resumable",
     "classify": "label a whole dataset or bucket -> predictions (Parquet)",
+    "inspect": "filters, feature maps and Grad-CAM of a model on a few images -> PNGs + index.html",
     "demo": "prepare -> features -> train-head -> classify on scikit-learn's digits, offline",
 }
 

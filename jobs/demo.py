@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"plots: {paths['head']}/curves.png, {paths['head']}/confusion.png, {paths['predictions']}/confusion.png")
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings"].items()))
     print(f"\nTEST ACCURACY: {scores['top1']:.2%}")
+    print(f"classify report (galleries of the {split} split): {result['predictions']['report']}")
+    print(f"HTML report: {head['report']}")
     return result
 
 

@@ -250,6 +250,18 @@ class DemoConfig(Section):
     classify_split: str = "test"  # the prepared split that classify labels (and scores)
 
 
+class InspectConfig(Section):
+    """`imgpipe inspect`: filters, feature maps and Grad-CAM of a model (model.* or a head) on a few images."""
+
+    images: list[str] = []  # image files, or a prefix / prepared dataset to take `count` images from
+    split: Optional[str] = None  # prepared dataset: the split to take images from; None = the first
+    count: int = Field(default=4, ge=1, le=64)  # images taken from a prefix or dataset
+    head: Optional[str] = None  # a train-head output; None: model.weights' own classifier (or a finetune export)
+    layers: list[str] = []  # stage names whose feature maps to draw; [] = the first and the last conv stage
+    top_k: int = Field(default=5, ge=1)
+    output: str = ""  # PNGs + index.html go here
+
+
 class Config(Section):
     """Every section; a job reads the ones it needs."""
 
@@ -264,6 +276,7 @@ class Config(Section):
     loader: LoaderConfig = LoaderConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     demo: DemoConfig = DemoConfig()
+    inspect: InspectConfig = InspectConfig()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -24,7 +24,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchTrainer
 
-from pipeline import demo, loader, predict, report, runtime, storage, trainloop, transfer
+from pipeline import demo, gallery, loader, predict, report, runreport, runtime, storage, trainloop, transfer
 from pipeline.config import ClassifyConfig, Config, FinetuneConfig, ModelConfig
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.preprocessing import Preprocessing
@@ -234,6 +234,7 @@ def finish(
     seconds: float,
 ) -> dict:
     """Export the best checkpoint, score the test split through `classify`, write metrics and plots."""
+    scoring_started = time.perf_counter()
     state = checkpoint_state(result.checkpoint)
     best_ckpt = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"])[0]
     export_model(best_ckpt, weights, prep, list(source.classes), state, out)
@@ -260,8 +261,11 @@ def finish(
             metrics[shown]["confusion_matrix"], list(source.classes), f"confusion matrix ({shown}, best epoch)"
         ),
     )
+    scoring = round(time.perf_counter() - scoring_started, 1)
+    write_report(cfg, source, out, metrics, {"training": round(seconds, 1), "export and test scoring": scoring})
     return {
         "output": out.uri,
+        "report": out.join(runreport.REPORT_FILE).uri,
         "model": out.join(MODEL_FILE).uri,
         "best_epoch": best["epoch"],
         "epochs_run": len(state["history"]),
@@ -270,6 +274,31 @@ def finish(
         "history": state["history"],
         "seconds": round(seconds, 1),
     }
+
+
+def write_report(cfg: Config, source: ImageSource, out: storage.Location, metrics: dict, timings: dict) -> None:
+    """report.html: the input's counts and rejects, curves, val/test scores, confusion, per-class table,
+    and the test split's error galleries (from predictions-test)."""
+    manifest = source.manifest
+    counts = {f"prepared {k}": manifest[k] for k in ("inputs", "samples", "rejected") if k in manifest}
+    counts.update({f"{s} samples": source.select([s]).count for s in source.splits})
+    errors = source.location.join("errors.jsonl")
+    text = storage.read_bytes(errors).decode() if storage.exists(errors) else ""
+    tested = "test" in metrics
+    rep = runreport.RunReport(
+        f"finetune: {cfg.model.backbone} ({cfg.finetune.mode})",
+        f"{cfg.finetune.source} -> {out.uri}; best epoch {metrics['best_epoch']} of {metrics['epochs_run']}",
+        config={"finetune": cfg.finetune.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")},
+        counts=counts,
+        rejects=[json.loads(line) for line in text.splitlines() if line.strip()],
+        metrics={s: metrics[s] for s in ("val", "test") if s in metrics},
+        history=metrics["history"],
+        galleries=gallery.prediction_galleries(out.join(f"predictions-{cfg.finetune.test_split}"), cfg.storage)
+        if tested
+        else [],
+        timings=timings,
+    )
+    runreport.write(out, rep)
 
 
 def checkpoint_state(checkpoint) -> dict:

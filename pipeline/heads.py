@@ -14,17 +14,20 @@ import io
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from pipeline import report, schema, storage
+from pipeline import embedmap, gallery, report, runreport, schema, storage
 from pipeline.config import HeadConfig, StorageConfig
 from pipeline.features import RUN_FILE
-from pipeline.parts import read_parts
+from pipeline.parts import ERRORS_FILE, read_parts
 
 log = logging.getLogger("imgpipe")
 
@@ -290,7 +293,9 @@ def run(cfg: HeadConfig, storage_cfg: StorageConfig) -> dict:
     if not cfg.features or not cfg.output:
         raise ValueError("train-head needs head.features and head.output (URIs or local paths)")
     out = storage.resolve(cfg.output, storage_cfg)
+    started = time.perf_counter()
     data = load_features(cfg.features, storage_cfg)
+    loaded = time.perf_counter()
     splits = choose_splits(data, cfg.val_fraction, cfg.seed)
     log.info(
         "train-head: %s head on %d-d %s features, %d classes; %s",
@@ -314,7 +319,55 @@ def run(cfg: HeadConfig, storage_cfg: StorageConfig) -> dict:
         _, topk = evaluate(head, *splits[name])
         metrics[name] = report.classification_metrics(splits[name][1], topk, data.classes)
     write_head(out, head, spec, data, cfg, metrics)
-    return {**metrics, "output": out.uri}
+    timings = {
+        "load features": round(loaded - started, 1),
+        "train, score, write": round(time.perf_counter() - loaded, 1),
+    }
+    written = write_head_report(out, cfg, storage_cfg, data, splits, metrics, timings, head)
+    return {**metrics, "output": out.uri, "report": written.uri}
+
+
+def write_head_report(
+    out: storage.Location,
+    cfg: HeadConfig,
+    storage_cfg,
+    data: FeatureSet,
+    splits: dict,
+    metrics: dict,
+    timings: dict,
+    head: nn.Module,
+) -> storage.Location:
+    """report.html: the features' counts and rejects, curves, scores, confusion, per-class table, the
+    scored split's error galleries, embedding map."""
+    feats = storage.resolve(cfg.features, storage_cfg)
+    run = json.loads(storage.read_bytes(feats.join(RUN_FILE)))
+    errors = feats.join(ERRORS_FILE)
+    text = storage.read_bytes(errors).decode() if storage.exists(errors) else ""
+    names = {"inputs": "images in (features)", "rows": "embedded", "rejected": "rejected"}
+    counts = {names[k]: run[k] for k in names if k in run}
+    counts.update({f"{s} rows (labelled)": len(v[1]) for s, v in splits.items()})
+    started = time.perf_counter()
+    x, y = (np.concatenate(arrays) for arrays in zip(*splits.values()))
+    png, caption = embedmap.embedding_map(x, y, data.classes, seed=cfg.seed)
+    rep = runreport.RunReport(
+        f"train-head: {cfg.kind} head on {data.identity['backbone']} features",
+        f"{cfg.features} -> {out.uri}; kept epoch {metrics['best_epoch']} of {metrics['epochs_run']}",
+        config=cfg.model_dump(mode="json"),
+        counts=counts,
+        rejects=[json.loads(line) for line in text.splitlines() if line.strip()],
+        metrics={s: metrics[s] for s in ("train", "val", "test") if s in metrics},
+        history=metrics["history"],
+        figures=[("Embedding map", png, caption)],
+    )
+    mapped = time.perf_counter()
+    rep.galleries = head_galleries(feats, run, data, splits, head, storage_cfg)
+    rep.timings = {
+        **timings,
+        "embedding map": round(mapped - started, 1),
+        "galleries": round(time.perf_counter() - mapped, 1),
+    }
+    storage.write_bytes(out.join("embedding.png"), png)
+    return runreport.write(out, rep)
 
 
 def write_head(
@@ -351,6 +404,37 @@ def write_head(
         out.join("confusion.png"),
         report.plot_confusion(metrics[shown]["confusion_matrix"], data.classes, f"confusion matrix ({shown})"),
     )
+
+
+def head_galleries(
+    feats: storage.Location, run: dict, data: FeatureSet, splits: dict, head: nn.Module, storage_cfg
+) -> list[tuple[str, bytes]]:
+    """Error galleries of the head on the scored split (test, else val), with the images the features
+    came from; [] when that split is a holdout of another (its rows' keys are not at hand here)."""
+    split = "test" if "test" in splits else "val"
+    if split not in data.y or len(splits[split][1]) != int((data.y[split] >= 0).sum()):
+        return []
+    table = gallery.read_keyed(
+        feats, [p for p in run["parts"] if p.startswith(split + "/")], [schema.KEY, schema.LABEL]
+    )
+    table = table.filter(pc.greater_equal(table.column(schema.LABEL), 0))
+    pred, prob = top_probabilities(head, splits[split][0])
+    table = table.append_column(schema.PRED, pa.array(pred, pa.int32())).append_column(schema.PROB, pa.array(prob))
+    identity = run["identity"]
+    return gallery.draw_galleries(table, data.classes, identity["source"], identity.get("kind", "auto"), storage_cfg)
+
+
+@single_threaded
+@torch.inference_mode()
+def top_probabilities(head: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The top class and its softmax probability per row, in chunks."""
+    preds, probs = [], []
+    for start in range(0, len(x), EVAL_CHUNK):
+        logits = head(torch.from_numpy(np.ascontiguousarray(x[start : start + EVAL_CHUNK])).float())
+        prob, pred = torch.softmax(logits, dim=1).max(dim=1)
+        preds.append(pred.numpy())
+        probs.append(prob.numpy())
+    return np.concatenate(preds).astype(np.int32), np.concatenate(probs).astype(np.float32)
 
 
 def _log_epoch(row: dict, every: int = 1) -> None:

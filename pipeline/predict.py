@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import report, schema, storage
+from pipeline import gallery, report, runreport, schema, storage
 from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig
 from pipeline.features import Embedder, model_actor_plan, stream_units
 from pipeline.heads import create_head, load_head
@@ -125,6 +126,7 @@ def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig)
     when the input is labelled, accuracy. Ray must be connected."""
     if not cfg.source or not cfg.output:
         raise ValueError("classify needs classify.source and classify.output (URIs or local paths)")
+    started = time.perf_counter()
     full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind)
     source = full.select(cfg.splits)
     out = storage.resolve(cfg.output, storage_cfg)
@@ -170,7 +172,30 @@ def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig)
             ),
         )
     write_run_file(out, RUN_FILE, identity, {**result, "written": len(todo)}, every)
-    return {**result, "written": len(todo), "output": out.uri, "model": model_name}
+    summary = {**result, "written": len(todo), "output": out.uri, "model": model_name}
+    if result["metrics"]:
+        timings = {"classify (this run)": round(time.perf_counter() - started, 1)}
+        config = {"model": model_cfg.model_dump(mode="json"), "classify": cfg.model_dump(mode="json")}
+        summary["report"] = write_report(out, summary, config, timings, storage_cfg).uri
+    return summary
+
+
+def write_report(out: storage.Location, summary: dict, config: dict, timings: dict, storage_cfg) -> storage.Location:
+    """report.html of a labelled classify output: counts, rejects, scores per split, galleries."""
+    metrics = summary["metrics"]
+    counts = {"inputs": summary["inputs"], "classified": summary["rows"], "rejected": summary["rejected"]}
+    counts["labelled (model knows the class)"] = metrics["all"]["samples"]
+    rep = runreport.RunReport(
+        f"classify: {summary['model']}",
+        f"{config['classify']['source']} -> {out.uri}",
+        config=config,
+        counts=counts,
+        rejects=summary["rejects"],
+        metrics={s: m for s, m in metrics.items() if s != "all" or len(metrics) == 1},
+        galleries=gallery.prediction_galleries(out, storage_cfg),
+        timings=timings,
+    )
+    return runreport.write(out, rep)
 
 
 def accuracy_summary(out: storage.Location, units, parts: list[str], classes: list[str], k: int) -> dict | None:

@@ -27,6 +27,10 @@ def test_reduced_demo_end_to_end_on_s3(ray_session, s3, bucket, capsys):
     # Classifying the images end to end agrees with the head's score on the cached features.
     assert abs(test["top1"] - result["head"]["test"]["top1"]) <= 0.02
     assert f"TEST ACCURACY: {test['top1']:.2%}" in printed and f"s3://{bucket}/demo/head/curves.png" in printed
+    assert printed.rstrip().endswith(f"HTML report: s3://{bucket}/demo/head/report.html")
+    page = s3.get_object(Bucket=bucket, Key="demo/head/report.html")["Body"].read().decode()
+    assert "Embedding map" in page and "Galleries" in page and "Training curves" in page
+    assert f"<td>test rows (labelled)</td><td>{test['samples']}</td>" in page
 
     keys = {
         o["Key"]

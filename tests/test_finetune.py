@@ -97,6 +97,10 @@ def test_two_workers_learn_checkpoint_to_the_bucket_and_export(baseline, colours
     assert sidecar["preprocessing"]["crop_size"] == 32
     metrics = json.loads(s3.get_object(Bucket=colours, Key="baseline/metrics.json")["Body"].read())
     assert set(metrics["test"]["per_class"]) == set(CLASSES) and metrics["test"]["samples"] == 12
+    page = s3.get_object(Bucket=colours, Key="baseline/report.html")["Body"].read().decode()
+    assert baseline["report"] == f"s3://{colours}/baseline/report.html"
+    assert "<td>train samples</td><td>48</td>" in page and "<td>test samples</td><td>12</td>" in page
+    assert "Training curves" in page and "Per class (test)" in page and "Galleries" in page
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)

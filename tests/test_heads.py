@@ -30,7 +30,10 @@ def _blobs(n_per_class: int, dim: int = 24, seed: int = 0, spread: float = 1.0):
 
 
 def _write_features(
-    out: storage.Location, splits: dict[str, tuple[np.ndarray, np.ndarray]], per_part: int = 40
+    out: storage.Location,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    per_part: int = 40,
+    classes: list[str] = CLASSES,
 ) -> None:
     """Parts and features.json exactly as `features.run` writes them (same sink), without Ray."""
     dim = next(iter(splits.values()))[0].shape[1]
@@ -57,7 +60,7 @@ def _write_features(
         "preprocessing": json.dumps(prep),
         "dim": str(dim),
         "dtype": "float16",
-        "classes": json.dumps(CLASSES),
+        "classes": json.dumps(classes),
         "source": "test",
     }
     sink = parts.PartSink(out, units, features.features_table(dim, "float16"), meta)
@@ -134,8 +137,14 @@ def test_train_head_job_on_s3_writes_head_metrics_and_plots(s3, bucket):
 
     objects = {o["Key"]: o for o in s3.list_objects_v2(Bucket=bucket, Prefix="head/")["Contents"]}
     assert set(objects) == {
-        f"head/{n}" for n in ("head.pt", "head.json", "metrics.json", "curves.png", "confusion.png")
+        f"head/{n}"
+        for n in ("head.pt", "head.json", "metrics.json", "curves.png", "confusion.png", "embedding.png", "report.html")
     }
+    page = s3.get_object(Bucket=bucket, Key="head/report.html")["Body"].read().decode()
+    assert metrics["report"] == f"s3://{bucket}/head/report.html" and page.startswith("<!DOCTYPE html>")
+    # The features' counts (the run file's) and the splits' labelled rows, as the report shows them.
+    assert "<td>embedded</td><td>240</td>" in page and "<td>test rows (labelled)</td><td>45</td>" in page
+    assert page.count("<img ") == 3 and "PCA" in page and "Per class (test)" in page
     for png in ("curves.png", "confusion.png"):
         assert s3.get_object(Bucket=bucket, Key=f"head/{png}")["Body"].read()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads(s3.get_object(Bucket=bucket, Key="head/head.json")["Body"].read())
@@ -192,3 +201,23 @@ def test_epoch_rows_report_train_top5_and_summaries_handle_top1_only():
         report.accuracy_text(report.classification_metrics(np.array([0, 1]), np.array([[0, 1], [0, 1]]), CLASSES, k=2))
         == "top-1 50.00%  top2 100.00%"
     )
+
+
+def test_a_1000_class_run_writes_a_report_of_bounded_size(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (1000, 16))
+
+    def split(per_class: int, seed: int):
+        y = np.repeat(np.arange(1000), per_class)
+        return (centres[y] + 0.3 * np.random.default_rng(seed).normal(0, 1, (len(y), 16))).astype(np.float32), y
+
+    out = storage.resolve(str(tmp_path / "feats"))
+    names = [f"class_{i:04d}" for i in range(1000)]
+    _write_features(out, {"train": split(3, 1), "val": split(1, 2), "test": split(2, 3)}, 1000, names)
+    cfg = HeadConfig(features=out.uri, output=str(tmp_path / "head"), epochs=3, lr=1e-2)
+    metrics = heads.run(cfg, StorageConfig())
+    page = (tmp_path / "head" / "report.html").read_text()
+    assert metrics["test"]["samples"] == 2000 and "<td>test rows (labelled)</td><td>2,000</td>" in page
+    # Curves and the embedding map as pictures; the confusions and the worst classes as bounded tables.
+    assert page.count("<img ") == 2 and "Top confusions (test)" in page and "of lowest F1 of 1000" in page
+    assert len(page.encode()) < 300_000, len(page.encode())  # 187 KB measured

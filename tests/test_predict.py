@@ -66,6 +66,12 @@ def test_classify_labelled_shards_with_a_trained_head(ray_session, s3, bucket, t
     summary = json.loads(s3.get_object(Bucket=bucket, Key="preds/predictions.json")["Body"].read())
     assert summary["complete"] and summary["metrics"]["test"]["top1"] == 1.0
     assert s3.get_object(Bucket=bucket, Key="preds/confusion.png")["Body"].read()[:4] == b"\x89PNG"
+    page = s3.get_object(Bucket=bucket, Key="preds/report.html")["Body"].read().decode()
+    assert result["report"] == f"s3://{bucket}/preds/report.html"
+    for name, key in (("inputs", "inputs"), ("classified", "rows"), ("rejected", "rejected")):
+        assert f"<td>{name}</td><td>{summary[key]}</td>" in page
+    # No mistakes: the gallery of least confident correct rows only, with the confusion matrix.
+    assert "least confident correct predictions" in page and "mistakes" not in page and page.count("<img ") == 2
 
     # A retrained head is another model: its predictions never mix with the old ones.
     heads.run(HeadConfig(features=f"s3://{bucket}/feats", output=f"s3://{bucket}/head", epochs=5, lr=1e-2), storage_cfg)
