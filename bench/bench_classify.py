@@ -10,7 +10,8 @@
 on generated photo-like JPEGs (500x375, quality 90), read from local disk and from a local S3
 server (moto, over HTTP). Every run is a fresh Python process, clocked two ways: whole-process
 (interpreter start, imports, Ray start, the job, shutdown: what a user waits for) and pipeline-only
-(from the first dataset call to the last row written, Ray already up). Each process gets the same
+(from the first dataset call to the last row written, Ray already up); one untimed run of each
+variant on 64 images first (compiled imports, the engine's cached export, the file cache). Each process gets the same
 embedded Ray: 4 logical CPUs on this machine's cores (the sizing imgpipe uses, see
 docs/ARCHITECTURE.md section 6; with only 2 logical CPUs the documented pattern leaves no CPU to
 its read tasks and waits for ever). Variants run interleaved, round after round, so that other
@@ -72,6 +73,9 @@ def main() -> None:
         if endpoint:
             upload(roots, endpoint)
         cases = [(n, s) for n in counts for s in sources]
+        warm = make_sets(work / "warm", [64])[64]
+        for variant in VARIANTS:  # untimed: imports compiled, the engine's export cached, files cached
+            run_child(variant, str(warm), work / f"warm-{variant}")
         seconds = {(n, s, v): ([], []) for n, s in cases for v in VARIANTS}
         tops: dict = {}
         for r in range(args.rounds):
@@ -207,7 +211,8 @@ def make_sets(work: Path, counts: list[int]) -> dict[int, Path]:
     top = max(counts)
     started = time.perf_counter()
     make_imagefolder(work / "all", top)
-    print(f"generated {top} JPEGs (500x375) in {time.perf_counter() - started:.0f} s")
+    if top > 64:
+        print(f"generated {top} JPEGs (500x375) in {time.perf_counter() - started:.0f} s")
     files = sorted((work / "all").rglob("*.jpg"), key=lambda p: p.name)
     roots = {}
     for n in counts:
