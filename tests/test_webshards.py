@@ -53,13 +53,14 @@ def labelled_samples() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def shards(ray_session, s3) -> str:
-    """s3://<bucket>/labelled: 2 plain shards of 6 (ShardWriter's names), 1 gzipped of 4 (b000..b003, .tgz,
-    NNN.png + NNN.cls as in webdataset's own test shards), classes.json; unlabelled/: 2 gzipped shards, jpg only."""
+    """s3://<bucket>/labelled: 2 plain shards of 6 and an empty one (ShardWriter's names), 1 gzipped of 4 (b000..b003,
+    .tgz, NNN.png + NNN.cls as in webdataset's own test shards), classes.json; unlabelled/: 2 gzipped shards."""
     bucket = f"wds-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
     samples = labelled_samples()
     for n in range(2):
         s3.put_object(Bucket=bucket, Key=f"labelled/shard-{n:06d}.tar", Body=shard_bytes(samples[6 * n : 6 * n + 6]))
+    s3.put_object(Bucket=bucket, Key="labelled/shard-000002.tar", Body=shard_bytes([]))  # img2dataset writes these
     pngs = [{"__key__": f"b{i:03d}", "png": _png(CLASS_COLORS[i % 3]), "cls": str(i % 3)} for i in range(4)]
     s3.put_object(Bucket=bucket, Key="labelled/extra-000000.tgz", Body=shard_bytes(pngs, gz=True))
     s3.put_object(Bucket=bucket, Key="labelled/classes.json", Body=json.dumps({"classes": CLASSES}).encode())
@@ -93,9 +94,10 @@ def test_features_over_a_prefix_of_foreign_shards_counts_every_sample(shards, s3
     bucket = shards
     cfg = FeaturesConfig(source=f"s3://{bucket}/labelled", output=f"s3://{bucket}/feats", batch_size=8)
     result = features.run(ModelConfig(), cfg, StorageConfig())
-    assert (result["inputs"], result["rows"], result["rejected"], result["written"]) == (16, 13, 3, 3)
+    assert (result["inputs"], result["rows"], result["rejected"], result["written"]) == (16, 13, 3, 4)
     parts, tables = _table(s3, bucket, "feats/")
-    assert parts == [f"feats/all/part-00000{n}.parquet" for n in range(3)]  # extra-000000.tgz sorts first
+    assert parts == [f"feats/all/part-00000{n}.parquet" for n in range(4)]  # extra-000000.tgz sorts first
+    assert [t.num_rows for t in tables] == [4, 5, 4, 0] and tables[3].schema.metadata[b"imgpipe.inputs"] == b"0"
     rows = {k: r for t in tables for k, r in zip(t.column("key").to_pylist(), t.to_pylist())}
     assert sorted(rows) == [f"a{i:03d}" for i in range(12) if f"a{i:03d}" not in BAD] + [f"b{i:03d}" for i in range(4)]
     assert all(r["label"] == int(k[1:]) % 3 for k, r in rows.items())
@@ -122,11 +124,12 @@ def test_features_over_a_prefix_of_foreign_shards_counts_every_sample(shards, s3
 def test_classify_an_unlabelled_brace_list_and_a_glob(shards, s3):
     bucket = shards
     cfg = ClassifyConfig(
-        source=f"s3://{bucket}/labelled/shard-{{000000..000001}}.tar", output=f"s3://{bucket}/preds", top_k=3
+        source=f"s3://{bucket}/labelled/shard-{{000000..000002}}.tar", output=f"s3://{bucket}/preds", top_k=3
     )
     result = predict.run(ModelConfig(), cfg, StorageConfig(), WebDatasetConfig(label="none"))
     # label=none: a007's bad .cls is no longer read; the sample without an image and the cut JPEG stay rejects.
     assert (result["inputs"], result["rows"], result["rejected"], result["metrics"]) == (12, 10, 2, None)
+    assert result["written"] == 3  # the empty shard is an empty part
     _, tables = _table(s3, bucket, "preds/")
     rows = [r for t in tables for r in t.to_pylist()]
     assert len(rows) == 10 and {r["label"] for r in rows} == {-1}
@@ -152,6 +155,7 @@ def test_training_input_reads_foreign_shards_and_drops_their_rejects(shards):
     train_input = TrainInput(source, Preprocessing(crop_size=16, resize_size=18), AugmentConfig(), loader)
     rows = train_input.dataset(epoch=0).take_all()
     assert len(rows) == 13 and {r[schema.KEY]: r[schema.LABEL] for r in rows}["b001"] == 1
+    assert len(source.units) == 4
     assert all(r[schema.PIXELS].shape == (16, 16, 3) for r in rows)
     dropped = train_input.dropped()
     assert dropped["dropped"] == {0: 3}
@@ -185,7 +189,12 @@ def test_a_damaged_or_missing_shard_is_one_error_naming_it(shards, s3):
 def test_listing_and_keys_follow_webdataset(shards):
     base, found, _ = list_shards(f"s3://{shards}/labelled/{{shard,extra}}-*")
     assert base.uri == f"s3://{shards}/labelled"
-    assert [f.path.rsplit("/", 1)[1] for f in found] == ["shard-000000.tar", "shard-000001.tar", "extra-000000.tgz"]
+    assert [f.path.rsplit("/", 1)[1] for f in found] == [
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+        "extra-000000.tgz",
+    ]
     # Keys keep folders and run to the first dot of the file name; __meta__ members and dotless names are no samples.
     tar = io.BytesIO()
     import tarfile
