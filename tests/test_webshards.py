@@ -53,7 +53,7 @@ def labelled_samples() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def shards(ray_session, s3) -> str:
-    """s3://<bucket>/labelled: 2 plain shards of 6 and an empty one (ShardWriter's names), 1 gzipped of 4 (b000..b003,
+    """s3://<bucket>/labelled: 2 plain shards of 6 and an empty one (ShardWriter's names), 1 gzipped of 4 (000..003,
     .tgz, NNN.png + NNN.cls as in webdataset's own test shards), classes.json; unlabelled/: 2 gzipped shards."""
     bucket = f"wds-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
@@ -61,7 +61,7 @@ def shards(ray_session, s3) -> str:
     for n in range(2):
         s3.put_object(Bucket=bucket, Key=f"labelled/shard-{n:06d}.tar", Body=shard_bytes(samples[6 * n : 6 * n + 6]))
     s3.put_object(Bucket=bucket, Key="labelled/shard-000002.tar", Body=shard_bytes([]))  # img2dataset writes these
-    pngs = [{"__key__": f"b{i:03d}", "png": _png(CLASS_COLORS[i % 3]), "cls": str(i % 3)} for i in range(4)]
+    pngs = [{"__key__": f"{i:03d}", "png": _png(CLASS_COLORS[i % 3]), "cls": str(i % 3)} for i in range(4)]
     s3.put_object(Bucket=bucket, Key="labelled/extra-000000.tgz", Body=shard_bytes(pngs, gz=True))
     s3.put_object(Bucket=bucket, Key="labelled/classes.json", Body=json.dumps({"classes": CLASSES}).encode())
     for n in range(2):
@@ -99,10 +99,10 @@ def test_features_over_a_prefix_of_foreign_shards_counts_every_sample(shards, s3
     assert parts == [f"feats/all/part-00000{n}.parquet" for n in range(4)]  # extra-000000.tgz sorts first
     assert [t.num_rows for t in tables] == [4, 5, 4, 0] and tables[3].schema.metadata[b"imgpipe.inputs"] == b"0"
     rows = {k: r for t in tables for k, r in zip(t.column("key").to_pylist(), t.to_pylist())}
-    assert sorted(rows) == [f"a{i:03d}" for i in range(12) if f"a{i:03d}" not in BAD] + [f"b{i:03d}" for i in range(4)]
-    assert all(r["label"] == int(k[1:]) % 3 for k, r in rows.items())
+    assert sorted(rows) == [f"{i:03d}" for i in range(4)] + [f"a{i:03d}" for i in range(12) if f"a{i:03d}" not in BAD]
+    assert all(r["label"] == int(k.lstrip("a")) % 3 for k, r in rows.items())
     assert rows["a005"]["source"] == f"s3://{bucket}/labelled/shard-000000.tar" and rows["a005"]["member"] == "a005.jpg"
-    assert rows["b002"]["source"] == f"s3://{bucket}/labelled/extra-000000.tgz" and rows["b002"]["member"] == "b002.png"
+    assert rows["002"]["source"] == f"s3://{bucket}/labelled/extra-000000.tgz" and rows["002"]["member"] == "002.png"
     assert len(rows["a000"]["embedding"]) == 1280 and np.abs(rows["a000"]["embedding"]).sum() > 0
     meta = tables[0].schema.metadata
     assert json.loads(meta[b"imgpipe.classes"]) == CLASSES and meta[b"imgpipe.inputs"] == b"4"
@@ -154,7 +154,7 @@ def test_training_input_reads_foreign_shards_and_drops_their_rejects(shards):
     loader = LoaderConfig(batch_size=4, shuffle_buffer=8, prefetch_batches=1)
     train_input = TrainInput(source, Preprocessing(crop_size=16, resize_size=18), AugmentConfig(), loader)
     rows = train_input.dataset(epoch=0).take_all()
-    assert len(rows) == 13 and {r[schema.KEY]: r[schema.LABEL] for r in rows}["b001"] == 1
+    assert len(rows) == 13 and {r[schema.KEY]: r[schema.LABEL] for r in rows}["001"] == 1
     assert len(source.units) == 4
     assert all(r[schema.PIXELS].shape == (16, 16, 3) for r in rows)
     dropped = train_input.dropped()
