@@ -137,7 +137,9 @@ def open_images(
     files = [f for f in listed if _extension(f.path) in extensions]
     if not files:
         rel = [f.path[len(loc.path) :].lstrip("/") for f in listed]
-        if any(schema.SHARD_FILE.fullmatch(r) for r in rel) and "errors.jsonl" in rel:
+        # prepare's own shard names beside what it writes first (config.yaml) or last (errors.jsonl): its output,
+        # unfinished; foreign shards with such names read with source_kind=webdataset.
+        if any(schema.SHARD_FILE.fullmatch(r) for r in rel) and {"config.yaml", "errors.jsonl"} & set(rel):
             raise ValueError(
                 f"{uri}: shards but no {MANIFEST}: the last `imgpipe prepare` into it did not finish; run it again "
                 "(or set source_kind=webdataset to read the shards as they are)"

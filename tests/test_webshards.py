@@ -225,3 +225,15 @@ def test_label_rules():
     assert LabelRules.create(WebDatasetConfig(label="none"), None).label({"cls": ("k.cls", b"x")}) == (-1, "")
     with pytest.raises(ValueError, match="webdataset.label=txt reads class names, but none are known"):
         LabelRules.create(WebDatasetConfig(label="txt"), None)
+
+
+def test_auto_tells_foreign_shards_from_an_unfinished_prepare(tmp_path):
+    for name in ("foreign", "unfinished"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train-000000.tar").write_bytes(shard_bytes(labelled_samples()[:2]))
+    (tmp_path / "unfinished" / "config.yaml").write_text("prepare: {}\n")  # the first file prepare writes
+    foreign = open_images(str(tmp_path / "foreign"))
+    assert foreign.kind == "webdataset" and [u.name for u in foreign.units] == ["wds-000000"]
+    with pytest.raises(ValueError, match=r"shards but no manifest.json: the last `imgpipe prepare` into it did not"):
+        open_images(str(tmp_path / "unfinished"))
+    assert open_images(str(tmp_path / "unfinished"), kind="webdataset").kind == "webdataset"
