@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse, classify (only the parts still missing), print counts and accuracy when labelled."""
     cfg = parse_config("classify", __doc__, argv)
     start(cfg, cfg.classify.output, "classify.output")
-    result = run_job("classify", predict.run, cfg.model, cfg.classify, cfg.storage)
+    result = run_job("classify", predict.run, cfg.model, cfg.classify, cfg.storage, cfg.webdataset)
     print(f"model: {result['model']}")
     print(
         f"inputs {result['inputs']} = classified {result['rows']} + rejected {result['rejected']}; "

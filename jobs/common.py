@@ -76,6 +76,7 @@ def user_error(exc: BaseException) -> str | None:
     traceback text, which is all that reaches the driver of the original error."""
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
     if isinstance(cause, USER_ERRORS) and not isinstance(cause, RayError):
-        return str(cause)
+        # Our messages are one line; Ray Data appends its retry advice to a UDF's exception on lines of its own.
+        return str(cause).split("\nFailed to apply UDF transform")[0]
     raised = _RAISED.findall(str(exc)) if isinstance(exc, RayError) else []
     return raised[-1] if raised else None

@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse, embed (only the parts still missing), print the counts."""
     cfg = parse_config("features", __doc__, argv)
     start(cfg, cfg.features.output, "features.output")
-    result = run_job("features", features.run, cfg.model, cfg.features, cfg.storage)
+    result = run_job("features", features.run, cfg.model, cfg.features, cfg.storage, cfg.webdataset)
     for split, info in result["splits"].items():
         print(f"{split:>5}: {info['rows']:>8} embedded, {info['rejected']} rejected, {info['parts']} parts")
     print(

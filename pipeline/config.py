@@ -104,14 +104,27 @@ class ModelConfig(Section):
     engine: Literal["auto", "eager", "onnxruntime"] = "auto"  # auto: onnxruntime on CPU when installed, else eager
 
 
+SourceKind = Literal["auto", "shards", "webdataset", "imagefolder", "images"]
+
+
+class WebDatasetConfig(Section):
+    """How samples of WebDataset shards written by another tool are labelled (README: "Accepted inputs")."""
+
+    # auto: the first of .cls, .cls2, .label (an integer), else .txt (a class name) when class names are known,
+    # else unlabelled; cls / cls2 / label / txt / json: only that member; none: every sample unlabelled.
+    label: Literal["auto", "cls", "cls2", "label", "txt", "json", "none"] = "auto"
+    json_field: str = "label"  # label=json: the field of the sample's .json (an integer, or a class name)
+    classes: Optional[list[str]] = None  # None: classes.json / classes.txt beside the shards, if there
+
+
 class FeaturesConfig(Section):
     """Frozen backbone over a dataset -> Parquet embeddings."""
 
     source: str = ""
     output: str = ""
-    source_kind: Literal["auto", "shards", "imagefolder", "images"] = (
-        "auto"  # auto: shards if a manifest, else by folder depth
-    )
+    # auto: prepared shards if a manifest.json; WebDataset shards for a shard pattern or a prefix of tars;
+    # else images, as an ImageFolder when every image is one folder deep
+    source_kind: SourceKind = "auto"
     splits: Optional[list[str]] = None  # prepared shards: which splits; None = all
     batch_size: int = Field(default=64, ge=1)  # per model call (an H100 wants 256-512 for ResNet-50)
     decode_batch: int = Field(default=64, ge=1)  # rows per decode task block
@@ -144,7 +157,7 @@ class ClassifyConfig(Section):
 
     source: str = ""
     output: str = ""
-    source_kind: Literal["auto", "shards", "imagefolder", "images"] = "auto"  # images: unlabelled, whatever the folders
+    source_kind: SourceKind = "auto"  # as features.source_kind; images: unlabelled, whatever the folders
     splits: Optional[list[str]] = None  # prepared shards: which splits; None = all
     head: Optional[str] = None  # a train-head output; None: the backbone's own classifier
     top_k: int = Field(default=5, ge=1)
@@ -272,6 +285,7 @@ class Config(Section):
     features: FeaturesConfig = FeaturesConfig()
     head: HeadConfig = HeadConfig()
     classify: ClassifyConfig = ClassifyConfig()
+    webdataset: WebDatasetConfig = WebDatasetConfig()
     augment: AugmentConfig = AugmentConfig()
     loader: LoaderConfig = LoaderConfig()
     finetune: FinetuneConfig = FinetuneConfig()

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from pipeline import augment, devices, placement, schema, storage
-from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig
+from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig, WebDatasetConfig
 from pipeline.engine import choose as choose_engine
 from pipeline.engine import onnx_backbone
 from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
@@ -33,7 +33,7 @@ from pipeline.sources import ImageSource, Unit, open_images
 log = logging.getLogger("imgpipe")
 
 RUN_FILE = "features.json"  # the run's identity, its parts, and (when complete) its counts
-PASSTHROUGH = (schema.KEY, schema.LABEL, schema.SOURCE, schema.SHARD, schema.ERROR)
+PASSTHROUGH = (schema.KEY, schema.LABEL, schema.SOURCE, schema.MEMBER, schema.SHARD, schema.ERROR, schema.UNIT_SIZE)
 
 
 # ---------------------------------------------------------------- the model stage (Ray actors)
@@ -88,7 +88,7 @@ class Embedder:
 
     def __call__(self, batch: Batch) -> Batch:
         good = np.asarray(batch[schema.ERROR]) == ""
-        out = {c: batch[c] for c in PASSTHROUGH}
+        out = {c: batch[c] for c in PASSTHROUGH if c in batch}
         pixels = batch[schema.PIXELS] if good.all() else batch[schema.PIXELS][good]  # no copy when all are good
         emb = self.embed(pixels) if good.any() else None
         out.update(self.outputs(emb, good))
@@ -121,18 +121,19 @@ class Embedder:
 def model_actor_plan(
     model_cfg: ModelConfig,
     requested: int | None,
-    rows: int,
+    rows: int | None,
     batch_size: int,
     cpu_only: str | None = None,
     digest: str = "",
 ) -> ActorPlan:
-    """The connected cluster's plan for `rows` inputs in model batches of `batch_size`, logged in
-    one line; `cpu_only` names the setting that keeps CPU work off GPU nodes, when it is on;
-    `digest` (the weights') keys a cached engine export."""
+    """The connected cluster's plan for `rows` inputs (None: not counted yet) in model batches of
+    `batch_size`, logged in one line; `cpu_only` names the setting that keeps CPU work off GPU
+    nodes, when it is on; `digest` (the weights') keys a cached engine export."""
     nodes = ray.nodes()
     single_node = len([n for n in nodes if n["Alive"]]) == 1
     cores = (os.cpu_count() or 1) if single_node else None
-    plan = placement.plan_actors(model_cfg, requested, math.ceil(rows / batch_size), cores, cpu_only)
+    batches = math.ceil(rows / batch_size) if rows is not None else None
+    plan = placement.plan_actors(model_cfg, requested, batches, cores, cpu_only)
     plan = replace(plan, engine=choose_engine(model_cfg.engine, plan.device, digest))
     where = "CPU-only nodes" if plan.cpu_selector else "any node"
     log.info(
@@ -198,16 +199,15 @@ def features_table(dim: int, dtype: str) -> Callable[[Batch], pa.Table]:
     part_schema = schema.features_schema(dim, dtype)
 
     def make(rows: Batch) -> pa.Table:
-        emb = (
-            np.asarray(rows[schema.EMBEDDING], dtype=dtype).reshape(-1, dim)
-            if len(rows[schema.KEY])
-            else np.zeros((0, dim), dtype)
-        )
+        if not len(rows[schema.KEY]):
+            return part_schema.empty_table()
+        emb = np.asarray(rows[schema.EMBEDDING], dtype=dtype).reshape(-1, dim)
         return pa.table(
             {
                 schema.KEY: pa.array(np.asarray(rows[schema.KEY]).astype(str), pa.string()),
                 schema.LABEL: pa.array(np.asarray(rows[schema.LABEL]).astype(np.int32), pa.int32()),
                 schema.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+                **origin_columns(rows),
             },
             schema=part_schema,
         )
@@ -215,18 +215,30 @@ def features_table(dim: int, dtype: str) -> Callable[[Batch], pa.Table]:
     return make
 
 
-def run(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig) -> dict:
+def origin_columns(rows: Batch) -> dict[str, pa.Array]:
+    """The `source` and `member` output columns: which object (and which shard member) each row is."""
+    n = len(rows[schema.KEY])
+    return {
+        c: pa.array(np.asarray(rows[c]).astype(str) if c in rows else np.full(n, ""), pa.string())
+        for c in (schema.SOURCE, schema.MEMBER)
+    }
+
+
+def run(
+    model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig, wds_cfg: WebDatasetConfig | None = None
+) -> dict:
     """Embed `cfg.source` into `cfg.output`, writing only missing parts; returns the counts.
     Ray must be connected."""
     if not cfg.source or not cfg.output:
         raise ValueError("features needs features.source and features.output (URIs or local paths)")
-    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind)
+    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind, wds=wds_cfg)
     source = full.select(cfg.splits)
     out = storage.resolve(cfg.output, storage_cfg)
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
     dim = create_backbone(weights).dim
     cpu_only = "features.cpu_only_nodes" if cfg.cpu_only_nodes else None
-    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size, cpu_only, weights.digest)
+    rows = source.count if source.counted else None
+    plan = model_actor_plan(model_cfg, cfg.actors, rows, cfg.batch_size, cpu_only, weights.digest)
     metadata = {
         **{k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in weights.describe().items()},
         "dim": str(dim),
@@ -235,11 +247,11 @@ def run(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig)
         "source": source.location.uri,
         "compute": plan.compute,  # bf16 and fp32 embeddings differ: a resume elsewhere must not mix them
     }
-    identity = {**metadata, "kind": source.kind}
+    identity = {**metadata, **source.identity()}
     every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite)
     log.info(
-        "features: %d inputs in %d parts; %d parts to write, %d already there",
-        source.count,
+        "features: %s inputs in %d parts; %d parts to write, %d already there",
+        source.count if source.counted else "(counted as read)",
         len(source.units),
         len(todo),
         len(source.units) - len(todo),

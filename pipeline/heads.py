@@ -103,6 +103,11 @@ def load_features(uri: str, storage_cfg: StorageConfig | None = None) -> Feature
             f"{uri}: these features are incomplete (an interrupted run); run `imgpipe features` again to finish them"
         )
     identity = run["identity"]
+    if not json.loads(identity["classes"]):
+        raise ValueError(
+            f"{uri}: these features have no class names (unlabelled images, or WebDataset shards without "
+            "webdataset.classes or a classes.json / classes.txt beside them); a head needs labelled features"
+        )
     x, y = {}, {}
     for split in run["splits"]:
         table = read_parts(

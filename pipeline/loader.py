@@ -118,9 +118,10 @@ def augment_batch(batch: Batch, transform, epoch: int, errors) -> Batch:
     out = transform(batch, epoch=epoch)
     bad = out[schema.ERROR] != ""
     if bad.any():
+        members = out[schema.MEMBER][bad] if schema.MEMBER in out else [""] * int(bad.sum())
         rows = [
-            {"key": str(k), "source": str(s), "reason": str(r)}
-            for k, s, r in zip(out[schema.KEY][bad], out[schema.SOURCE][bad], out[schema.ERROR][bad])
+            {"key": str(k), "source": schema.located(str(s), str(m)), "reason": str(r)}
+            for k, s, m, r in zip(out[schema.KEY][bad], out[schema.SOURCE][bad], members, out[schema.ERROR][bad])
         ]
         # Waited for (rare: only batches with bad rows), so that a count read after the epoch
         # already holds it: a task's fire-and-forget call may reach the actor after the reader's.

@@ -78,6 +78,7 @@ class PartSink:
         self.keys: dict[str, set[str]] = defaultdict(set)  # of the units still buffering
         self.written: dict[str, np.ndarray] = {}  # unit -> sorted hashes of its keys (8 bytes a row)
         self.extra: dict[str, int] = defaultdict(int)
+        self.counts: dict[str, int] = {}  # unit -> its sample count, once known
         self.pool = ThreadPoolExecutor(self.writers, thread_name_prefix="part-writer")
         self.pending: list = []
 
@@ -101,8 +102,17 @@ class PartSink:
                 continue
             rows = self._new_rows(name, rows)
             self.buffers[name].append(rows)
-            if len(self.keys[name]) == self.units[name].count:
+            if len(self.keys[name]) == self.expected(name, rows):
                 self.write(self.units[name])
+
+    def expected(self, name: str, rows: Batch) -> int:
+        """The unit's sample count: known from the start, or (foreign shards) from its rows."""
+        if name not in self.counts:
+            count = self.units[name].count
+            if count < 0 and schema.UNIT_SIZE in rows and len(rows[schema.UNIT_SIZE]):
+                count = int(rows[schema.UNIT_SIZE][0])
+            self.counts[name] = count
+        return self.counts[name]
 
     def _new_rows(self, name: str, rows: Batch) -> Batch:
         # A retried read task may yield a row twice: keep the first, so each key lands once.
@@ -130,16 +140,17 @@ class PartSink:
         rows = _take(rows, np.argsort(np.asarray(rows[schema.KEY]).astype(str), kind="stable"))
         errors = np.asarray(rows[schema.ERROR]).astype(str)
         good = errors == ""
+        members = rows[schema.MEMBER] if schema.MEMBER in rows else np.full(len(errors), "")
         rejects = [
-            {"key": str(k), "source": str(s), "reason": str(e)}
-            for k, s, e in zip(rows[schema.KEY][~good], rows[schema.SOURCE][~good], errors[~good])
+            {"key": str(k), "source": schema.located(str(s), str(m)), "reason": str(e)}
+            for k, s, m, e in zip(rows[schema.KEY][~good], rows[schema.SOURCE][~good], members[~good], errors[~good])
         ]
         table = self.make_table(_take(rows, good))
         meta = {
             **self.metadata,
             "unit": unit.name,
             "split": unit.split,
-            "inputs": str(unit.count),
+            "inputs": str(len(errors)),
             "unit_digest": unit.digest,
             "rejects": json.dumps(rejects),
         }
@@ -166,16 +177,27 @@ class PartSink:
                 future.result()
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        for name, unit in self.units.items():
+            if unit.count < 0 and name not in self.written and name not in self.keys:
+                # A foreign shard that yielded no row holds no sample (a Ray task that fails raises; rows
+                # are never lost silently): its part is empty.
+                self.counts[name] = 0
+                self._write_part(unit, _empty_rows())
+                self.written[name] = np.zeros(0, np.int64)
         short = {n: len(self.keys[n]) for n in self.units if n not in self.written}
         self.extra = {n: c for n, c in self.extra.items() if c}
         if short or self.extra:
             raise ValueError(
                 "the input did not match its manifest: "
                 + "; ".join(
-                    [f"{n}: {got} of {self.units[n].count} samples" for n, got in short.items()]
+                    [f"{n}: {got} of {self.counts.get(n, self.units[n].count)} samples" for n, got in short.items()]
                     + [f"{n}: {c} rows beyond its count" for n, c in self.extra.items()]
                 )
             )
+
+
+def _empty_rows() -> Batch:
+    return {c: np.zeros(0, dtype=object) for c in (schema.KEY, schema.LABEL, schema.SOURCE, schema.ERROR)}
 
 
 def _key_hashes(keys) -> np.ndarray:
@@ -251,7 +273,7 @@ def verify_parts(out: storage.Location, units: Sequence[Unit]) -> dict:
         infos = list(pool.map(lambda p: read_part_info(out.join(p)), paths))
     for unit, info in zip(units, infos):
         if (
-            info.rows + len(info.rejects) != unit.count
+            info.rows + len(info.rejects) != (unit.count if unit.count >= 0 else info.inputs)
             or info.metadata.get("unit") != unit.name
             or info.metadata.get("unit_digest", "") != unit.digest
         ):
@@ -276,7 +298,7 @@ def verify_parts(out: storage.Location, units: Sequence[Unit]) -> dict:
     rejects = sorted((r for i in infos for r in i.rejects), key=lambda r: r["source"])
     rows = sum(i.rows for i in infos)
     return {
-        "inputs": sum(u.count for u in units),
+        "inputs": sum(i.inputs for i in infos),
         "rows": rows,
         "rejected": len(rejects),
         "splits": dict(by_split),

@@ -16,8 +16,8 @@ import pyarrow as pa
 import torch
 
 from pipeline import gallery, report, runreport, schema, storage
-from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig
-from pipeline.features import Embedder, model_actor_plan, stream_units
+from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig, WebDatasetConfig
+from pipeline.features import Embedder, model_actor_plan, origin_columns, stream_units
 from pipeline.heads import create_head, load_head
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.parts import Batch, PartSink, plan_run, read_parts, verify_parts, write_errors, write_run_file
@@ -61,6 +61,8 @@ def predictions_table(classes: list[str], label_map: np.ndarray):
     part_schema = schema.predictions_schema()
 
     def make(rows: Batch) -> pa.Table:
+        if not len(rows[schema.KEY]):
+            return part_schema.empty_table()
         topk = np.asarray(rows[schema.TOPK], dtype=np.int32).reshape(len(rows[schema.KEY]), -1)
         topk_prob = np.asarray(rows[schema.TOPK_PROB], dtype=np.float32).reshape(topk.shape)
         source_labels = np.asarray(rows[schema.LABEL], dtype=np.int64)
@@ -74,6 +76,7 @@ def predictions_table(classes: list[str], label_map: np.ndarray):
                 schema.PROB: pa.array(topk_prob[:, 0] if len(topk) else np.zeros(0, np.float32), pa.float32()),
                 schema.TOPK: pa.array(list(topk), pa.list_(pa.int32())),
                 schema.TOPK_PROB: pa.array(list(topk_prob), pa.list_(pa.float32())),
+                **origin_columns(rows),
             },
             schema=part_schema,
         )
@@ -121,13 +124,15 @@ def resolve_model(
     return weights, None, list(weights.categories), f"{weights.backbone} ({weights.weights}) own classifier", ""
 
 
-def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig) -> dict:
+def run(
+    model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig, wds_cfg: WebDatasetConfig | None = None
+) -> dict:
     """Classify `cfg.source` into `cfg.output`, writing only missing parts; returns counts and,
     when the input is labelled, accuracy. Ray must be connected."""
     if not cfg.source or not cfg.output:
         raise ValueError("classify needs classify.source and classify.output (URIs or local paths)")
     started = time.perf_counter()
-    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind)
+    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind, wds=wds_cfg)
     source = full.select(cfg.splits)
     out = storage.resolve(cfg.output, storage_cfg)
     weights, head, classes, model_name, head_digest = resolve_model(model_cfg, cfg.head, storage_cfg)
@@ -135,7 +140,8 @@ def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig)
     label_map = np.array([index.get(c, -1) for c in (source.classes or ())], dtype=np.int64)
     k = min(cfg.top_k, len(classes))
     cpu_only = "classify.cpu_only_nodes" if cfg.cpu_only_nodes else None
-    plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size, cpu_only, weights.digest)
+    rows = source.count if source.counted else None
+    plan = model_actor_plan(model_cfg, cfg.actors, rows, cfg.batch_size, cpu_only, weights.digest)
     metadata = {
         "model": model_name,
         "compute": plan.compute,
@@ -146,12 +152,12 @@ def run(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig)
         "top_k": str(k),
         "source": source.location.uri,
     }
-    identity = {**metadata, "kind": source.kind}
+    identity = {**metadata, **source.identity()}
     every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite)
     log.info(
-        "classify with %s: %d inputs in %d parts; %d parts to write",
+        "classify with %s: %s inputs in %d parts; %d parts to write",
         model_name,
-        source.count,
+        source.count if source.counted else "(counted as read)",
         len(source.units),
         len(todo),
     )

@@ -10,9 +10,13 @@ import pyarrow as pa
 KEY = "key"  # unique sample id; no dots (WebDataset splits key and extension at the first dot)
 IMAGE = "image"  # the original encoded bytes
 LABEL = "label"  # int32 index into classes.json; UNLABELED when unknown
-SOURCE = "source"  # where the bytes came from (URI or shard member), for error reports
+SOURCE = "source"  # the object the bytes came from: a raw file's URI, or the URI of its shard
+MEMBER = "member"  # the image's member name inside its shard ("" for a raw file)
 SHARD = "shard"  # the input unit (a shard's name, or a chunk of raw files): one output part each
 ERROR = "error"  # "" for a good row, else why the sample was rejected (read, then decode)
+# Samples in the row's unit. Foreign WebDataset shards are counted only when they are read, so the
+# output side learns from the rows when a unit is complete.
+UNIT_SIZE = "unit_size"
 
 # Columns added by decode/augment stages.
 PIXELS = "pixels"  # uint8, (N, H, W, 3): NHWC, so torch sees it as channels-last NCHW for free
@@ -35,10 +39,17 @@ IMAGE_SCHEMA = pa.schema(
         pa.field(IMAGE, pa.binary()),
         pa.field(LABEL, pa.int32()),
         pa.field(SOURCE, pa.string()),
+        pa.field(MEMBER, pa.string()),
         pa.field(SHARD, pa.string()),
         pa.field(ERROR, pa.string()),
+        pa.field(UNIT_SIZE, pa.int32()),
     ]
 )
+
+
+def located(source: str, member: str) -> str:
+    """One string that finds an input: the object's URI, and for a shard member `<shard URI>:<member>`."""
+    return f"{source}:{member}" if member else source
 
 
 def sample_key(relative_path: str) -> str:
@@ -58,6 +69,8 @@ def features_schema(dim: int, dtype: str) -> pa.Schema:
             pa.field(KEY, pa.string()),
             pa.field(LABEL, pa.int32()),
             pa.field(EMBEDDING, pa.list_(value, dim)),
+            pa.field(SOURCE, pa.string()),
+            pa.field(MEMBER, pa.string()),
         ]
     )
 
@@ -73,5 +86,7 @@ def predictions_schema() -> pa.Schema:
             pa.field(PROB, pa.float32()),
             pa.field(TOPK, pa.list_(pa.int32())),
             pa.field(TOPK_PROB, pa.list_(pa.float32())),
+            pa.field(SOURCE, pa.string()),
+            pa.field(MEMBER, pa.string()),
         ]
     )

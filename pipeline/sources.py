@@ -1,4 +1,5 @@
-"""Open images as a streaming Ray Dataset: prepared shards, a raw ImageFolder, or a bare prefix.
+"""Open images as a streaming Ray Dataset: prepared shards, WebDataset shards of another tool, a raw
+ImageFolder, or a bare prefix.
 
 Every source is cut into *units* (a shard, or a chunk of raw files) that are read whole by one
 task. A unit is also the unit of output (one Parquet part each) and of resume (a rerun reads only
@@ -19,8 +20,8 @@ from typing import Iterator, Literal, Sequence
 
 import ray
 
-from pipeline import layouts, schema, storage
-from pipeline.config import IMAGE_EXTENSIONS, StorageConfig
+from pipeline import layouts, schema, storage, webshards
+from pipeline.config import IMAGE_EXTENSIONS, StorageConfig, WebDatasetConfig
 
 log = logging.getLogger("imgpipe")
 
@@ -28,7 +29,7 @@ MANIFEST = "manifest.json"
 CLASSES = "classes.json"
 RAW_SPLIT = "all"  # split name given to raw (unprepared) inputs
 
-Kind = Literal["auto", "shards", "imagefolder", "images"]
+Kind = Literal["auto", "shards", "webdataset", "imagefolder", "images"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,12 @@ class Unit:
 
     name: str  # unique within its split: "train-000003" or "chunk-000003"
     split: str
-    count: int  # samples (shards) or files (raw) in it
+    count: int  # samples (shards) or files (raw) in it; -1: not known before it is read (foreign shards)
     paths: tuple[str, ...]  # filesystem paths: the shard, or the raw files
     labels: tuple[int, ...] = ()  # raw files: one label per path (-1: unlabelled)
     keys: tuple[str, ...] = ()  # raw files: one sample key per path
-    digest: str = ""  # what the unit holds: the shard's sha256, or a hash of the files' keys and sizes
+    # What the unit holds: the shard's sha256, or a hash of the listing (path, size, mtime) of its files / shard.
+    digest: str = ""
 
     def describe(self) -> dict:
         """JSON-ready identity of the unit, for run files: a changed input shows as a changed unit."""
@@ -53,10 +55,11 @@ class ImageSource:
     """A resolved image input: what it is, its classes, and its units."""
 
     location: storage.Location
-    kind: Literal["shards", "imagefolder", "images"]
+    kind: Literal["shards", "webdataset", "imagefolder", "images"]
     classes: tuple[str, ...] | None
     units: tuple[Unit, ...]
     manifest: dict = field(default_factory=dict, compare=False)
+    labels: webshards.LabelRules | None = field(default=None, compare=False)  # webdataset: how samples are labelled
 
     @property
     def splits(self) -> list[str]:
@@ -83,14 +86,30 @@ class ImageSource:
             {"name": u.name, "paths": list(u.paths), "labels": list(u.labels), "keys": list(u.keys)} for u in units
         ]
         loc = self.location
-        reader = _read_shard if self.kind == "shards" else _read_files
-        read = functools.partial(reader, fs=loc.fs, uri=loc.uri, root=loc.path)
+        if self.kind == "webdataset":
+            read = functools.partial(webshards.read_shard, fs=loc.fs, uri=loc.uri, root=loc.path, rules=self.labels)
+        else:
+            reader = _read_shard if self.kind == "shards" else _read_files
+            read = functools.partial(reader, fs=loc.fs, uri=loc.uri, root=loc.path)
         return ray.data.from_items(items, override_num_blocks=len(units)).flat_map(read, **ray_remote_args)
 
     @property
     def count(self) -> int:
-        """Inputs in the selected units."""
-        return sum(u.count for u in self.units)
+        """Inputs in the selected units (those counted so far: see `counted`)."""
+        return sum(u.count for u in self.units if u.count >= 0)
+
+    def identity(self) -> dict:
+        """What, besides its units, makes a run over this source that run: its kind and (foreign shards) how
+        its samples are labelled."""
+        if self.labels is None:
+            return {"kind": self.kind}
+        rules = self.labels
+        return {"kind": self.kind, "labels": json.dumps([rules.mode, rules.json_field, list(rules.classes or [])])}
+
+    @property
+    def counted(self) -> bool:
+        """True when every unit's sample count is known before reading (foreign shards are counted as read)."""
+        return all(u.count >= 0 for u in self.units)
 
 
 def open_images(
@@ -101,20 +120,34 @@ def open_images(
     splits: Sequence[str] | None = None,
     chunk_size: int = 1000,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    wds: WebDatasetConfig | None = None,
 ) -> ImageSource:
-    """Resolve `uri` into an `ImageSource` (call `.dataset()` for the Ray Dataset)."""
+    """Resolve `uri` into an `ImageSource` (call `.dataset()` for the Ray Dataset). `wds` says how
+    samples of WebDataset shards written by another tool are labelled."""
+    if kind == "webdataset" or (kind == "auto" and (webshards.is_pattern(uri) or webshards.is_shard(uri))):
+        return _open_webdataset(uri, cfg, wds or WebDatasetConfig()).select(splits)
     loc = storage.resolve(uri, cfg)
     if kind in ("auto", "shards") and storage.exists(loc.join(MANIFEST)):
         return _open_shards(loc).select(splits)
     if kind == "shards":
-        raise ValueError(f"{uri}: no {MANIFEST} here; run `imgpipe prepare` first or pass raw images")
+        raise ValueError(
+            f"{uri}: no {MANIFEST} here; run `imgpipe prepare` first, pass raw images, or set source_kind=webdataset "
+            "for WebDataset shards of another tool"
+        )
     listed = storage.list_files(loc)
     files = [f for f in listed if _extension(f.path) in extensions]
     if not files:
-        if any(schema.SHARD_FILE.fullmatch(f.path[len(loc.path) :].lstrip("/")) for f in listed):
+        rel = [f.path[len(loc.path) :].lstrip("/") for f in listed]
+        # prepare's own shard names beside what it writes first (config.yaml) or last (errors.jsonl): its output,
+        # unfinished; foreign shards with such names read with source_kind=webdataset.
+        if any(schema.SHARD_FILE.fullmatch(r) for r in rel) and {"config.yaml", "errors.jsonl"} & set(rel):
             raise ValueError(
-                f"{uri}: shards but no {MANIFEST}: the last `imgpipe prepare` into it did not finish; run it again"
+                f"{uri}: shards but no {MANIFEST}: the last `imgpipe prepare` into it did not finish; run it again "
+                "(or set source_kind=webdataset to read the shards as they are)"
             )
+        if kind == "auto" and any(webshards.is_shard(r) for r in rel):
+            log.info("%s: tar files and no %s: read as WebDataset shards (source_kind=webdataset)", uri, MANIFEST)
+            return _open_webdataset(uri, cfg, wds or WebDatasetConfig()).select(splits)
         raise ValueError(f"{uri}: no image files ({', '.join(extensions)}) under this prefix")
     depths = {f.path[len(loc.path) :].lstrip("/").count("/") for f in files}
     if kind == "imagefolder" or (kind == "auto" and depths == {1}):
@@ -148,6 +181,26 @@ def _open_shards(loc: storage.Location) -> ImageSource:
     return ImageSource(loc, "shards", tuple(manifest["classes"]), tuple(units), manifest)
 
 
+def _open_webdataset(uri: str, cfg: StorageConfig | None, wds: WebDatasetConfig) -> ImageSource:
+    """Foreign shards, one unit each; samples are counted by the tasks that read them."""
+    base, shards, listed = webshards.list_shards(uri, cfg)
+    classes, origin = webshards.load_classes(base, listed, wds)
+    units = []
+    for n, info in enumerate(shards):
+        rel = info.path[len(base.path) :].lstrip("/")
+        text = f"{rel}\t{info.size}\t{info.mtime_ns or 0}"
+        digest = "wds:" + hashlib.sha256(text.encode()).hexdigest()
+        units.append(Unit(f"wds-{n:06d}", RAW_SPLIT, -1, (info.path,), digest=digest))
+    log.info(
+        "%s: %d WebDataset shards; labels: %s; %s",
+        uri,
+        len(units),
+        wds.label,
+        f"{len(classes)} classes from {origin}" if classes else "no class names",
+    )
+    return ImageSource(base, "webdataset", classes, tuple(units), labels=webshards.LabelRules.create(wds, classes))
+
+
 def _raw_source(loc, kind, classes, inputs: list, chunk_size: int) -> ImageSource:
     units = []
     for n, start in enumerate(range(0, len(inputs), chunk_size)):
@@ -176,7 +229,7 @@ def _chunk_digest(chunk: list) -> str:
 def _read_files(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
     for path, label, key in zip(unit["paths"], unit["labels"], unit["keys"]):
         rel = path[len(root) :].lstrip("/")
-        row = _row(key, b"", int(label), f"{uri}/{rel}", unit["name"], "")
+        row = _row(key, b"", int(label), f"{uri}/{rel}", "", unit["name"], "", len(unit["paths"]))
         try:
             row[schema.IMAGE] = storage.read_bytes(storage.Location(fs, path, row[schema.SOURCE]))
         except storage.StorageUnavailable:
@@ -200,12 +253,14 @@ def _read_shard(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
             f"{exc}. The prepared dataset {uri} is incomplete: run `imgpipe prepare` again"
         ) from None
     samples: dict[str, dict[str, bytes]] = {}
+    names: dict[str, dict[str, str]] = {}  # key -> extension -> member name
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 if member.isfile():
                     key, ext = _split_member(member.name)
                     samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                    names.setdefault(key, {})[ext] = member.name
     except tarfile.TarError as exc:
         raise ValueError(
             f"{shard_uri}: not a readable tar ({exc}); the shard is damaged: run `imgpipe prepare` again"
@@ -215,8 +270,9 @@ def _read_shard(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
         label, error = _shard_label(parts.get("cls"))
         if ext is None:
             error = error or "no image member in shard sample"
-        source = f"{shard_uri}:{key}.{ext}" if ext else f"{shard_uri}:{key}"
-        yield _row(key, parts[ext] if ext and not error else b"", label, source, unit["name"], error)
+        member = names[key].get(ext, "")
+        image = parts[ext] if ext and not error else b""
+        yield _row(key, image, label, shard_uri, member, unit["name"], error, len(samples))
 
 
 def _shard_label(cls: bytes | None) -> tuple[int, str]:
@@ -229,14 +285,16 @@ def _shard_label(cls: bytes | None) -> tuple[int, str]:
         return schema.UNLABELED, f"bad .cls member {cls[:20]!r}: not an integer label"
 
 
-def _row(key: str, image: bytes, label: int, source: str, shard: str, error: str) -> dict:
+def _row(key: str, image: bytes, label: int, source: str, member: str, shard: str, error: str, unit_size: int) -> dict:
     return {
         schema.KEY: key,
         schema.IMAGE: image,
         schema.LABEL: label,
         schema.SOURCE: source,
+        schema.MEMBER: member,
         schema.SHARD: shard,
         schema.ERROR: error,
+        schema.UNIT_SIZE: unit_size,
     }
 
 
