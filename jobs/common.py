@@ -15,7 +15,7 @@ from pipeline.config import Config, ConfigError, dump_config, load_config
 log = logging.getLogger("imgpipe")
 USER_ERRORS = (ConfigError, storage.StorageError, ValueError, FileNotFoundError)
 _RAISED = re.compile(
-    r"^(?:[\w.]+\.)?(?:ConfigError|StorageError|StorageUnavailable|ValueError|FileNotFoundError): (.+)$", re.M
+    r"^(?:[\w.]+\.)?(?:ConfigError|Storage(?:Error|Unavailable|Refused)|ValueError|FileNotFoundError): (.+)$", re.M
 )
 
 

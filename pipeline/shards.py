@@ -116,7 +116,7 @@ def _read_input(item: RawInput, src_fs, images: np.ndarray | None) -> tuple[byte
     try:
         return storage.read_bytes(storage.Location(src_fs, item.path, item.source)), ""
     except storage.StorageUnavailable:
-        raise  # the store is down: the job's error, not this input's
+        raise  # the store is down or refuses us: the job's error, not this input's
     except storage.StorageError as exc:
         return None, f"cannot read: {exc}"
 

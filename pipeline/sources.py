@@ -233,7 +233,7 @@ def _read_files(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
         try:
             row[schema.IMAGE] = storage.read_bytes(storage.Location(fs, path, row[schema.SOURCE]))
         except storage.StorageUnavailable:
-            raise  # the store is down: the job's error, not this input's
+            raise  # the store is down or refuses us: the job's error, not this input's
         except storage.StorageError as exc:
             row[schema.ERROR] = f"cannot read: {exc}"
         yield row

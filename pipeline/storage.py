@@ -42,6 +42,11 @@ class StorageUnavailable(StorageError):
     one input's (callers that turn a read error into a reject must let this one through)."""
 
 
+class StorageRefused(StorageUnavailable):
+    """The store refused the caller (credentials, role, bucket policy): the job's problem too, so the
+    job ends at the first refusal, in one line naming the URI, instead of rejecting every input."""
+
+
 @dataclass(frozen=True)
 class Location:
     """A resolved URI: the filesystem, the path inside it, and the URI the user wrote."""
@@ -174,7 +179,7 @@ def explain(exc: BaseException, uri: str) -> StorageError:
         name = bucket.group(1) if bucket else uri
         return StorageError(f"{uri}: bucket '{name}' does not exist; check the bucket name and the endpoint")
     if any(s in text for s in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "Forbidden")):
-        return StorageError(
+        return StorageRefused(
             f"{uri}: access refused; check the credentials of the standard AWS chain "
             "(AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, instance role) and the bucket policy"
         )

@@ -355,3 +355,76 @@ def test_features_with_the_store_down_past_the_budget_fails_in_one_line_and_clai
     assert run["complete"] is False and "rows" not in run
     names = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])]
     assert "out/errors.jsonl" not in names
+
+
+LIST_ONLY = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": ["arn:aws:s3:::locked"]}],
+}
+
+
+@pytest.mark.timeout(300)
+def test_a_store_that_lists_but_refuses_reads_fails_the_job_in_one_line(tmp_path):
+    """A role with s3:ListBucket but not s3:GetObject (moto with IAM checks on): the job ends at the
+    first refused read, in one line naming the object, and writes no shard, part or manifest; a
+    refusal is the job's error, never 12 rejects."""
+    import boto3
+
+    write_imagefolder(tmp_path / "raw", {"a": 6, "b": 6}, size=(16, 16))
+    files = sorted(p for p in (tmp_path / "raw").rglob("*.jpg"))
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    setup_calls = 1 + len(files) + 4  # bucket, objects, output bucket, user, policy, key: unauthenticated
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(setup_calls)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, "moto server")
+        admin = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="a")
+        s3 = boto3.client("s3", **admin)
+        s3.create_bucket(Bucket="locked")
+        for path in files:
+            s3.put_object(Bucket="locked", Key=f"raw/{path.relative_to(tmp_path / 'raw').as_posix()}", Body=b"x")
+        s3.create_bucket(Bucket="out")
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="lister")
+        iam.put_user_policy(UserName="lister", PolicyName="list", PolicyDocument=json.dumps(LIST_ONLY))
+        key = iam.create_access_key(UserName="lister")["AccessKey"]
+        job_env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            "RAY_AUTH_MODE": "disabled",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "jobs.prepare",
+            "--set",
+            "prepare.source=s3://locked/raw",
+            "--set",
+            f"prepare.output={tmp_path / 'prepared'}",
+            "--set",
+            "storage.retry_seconds=0",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=job_env, cwd=ROOT)
+        embed = [*cmd[:2], "jobs.features", "--set", "features.source=s3://locked/raw", "--set"]
+        embed += [f"features.output={tmp_path / 'features'}", "--set", "storage.retry_seconds=0"]
+        features = subprocess.run(embed, capture_output=True, text=True, timeout=240, env=job_env, cwd=ROOT)
+    finally:
+        server.terminate()
+        server.wait(10)
+    for job, run in (("prepare", done), ("features", features)):
+        assert run.returncode == 1, run.stderr[-3000:]
+        assert re.fullmatch(
+            rf"imgpipe {job}: s3://locked/raw/\S+: access refused; check the credentials .*",
+            run.stderr.strip().splitlines()[-1],
+        ), run.stderr[-3000:]
+    prepared = tmp_path / "prepared"
+    assert not list(prepared.glob("*.tar")) and not (prepared / "manifest.json").exists()
+    assert not list((tmp_path / "features").rglob("*.parquet"))
