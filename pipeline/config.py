@@ -43,6 +43,7 @@ class RayConfig(Section):
     """Where jobs run: a cluster address, else an embedded local Ray."""
 
     address: Optional[str] = None  # else RAY_ADDRESS; else embedded
+    connect_timeout_s: float = Field(default=15.0, gt=0)  # joining a cluster: fail in one line after this
     num_cpus: Optional[int] = None  # embedded only; default max(cores, 4), see runtime.py
     object_store_memory_mb: Optional[int] = None  # embedded only
 
