@@ -12,6 +12,9 @@ import json
 import logging
 import math
 import os
+import sys
+import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -29,11 +32,29 @@ from pipeline.sources import ImageSource, Unit, open_images
 
 log = logging.getLogger("imgpipe")
 
+PROGRESS_EVERY_S = 10.0  # a progress line at most this often (on a terminal Ray Data draws a bar)
 RUN_FILE = "features.json"  # the run's identity, its parts, and (when complete) its counts
 PASSTHROUGH = (schema.KEY, schema.LABEL, schema.SOURCE, schema.SHARD, schema.ERROR)
 
 
 # ---------------------------------------------------------------- the model stage (Ray actors)
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A value put once in Ray's object store, handed to actors as a reference inside this small
+    container. Ray then inlines the constructor arguments: an actor that Ray may restart must not
+    take them from the object store (Ray logs an ERROR for every such pool), and each actor still
+    fetches the weights from the object store instead of resolving or downloading them again."""
+
+    ref: ray.ObjectRef
+
+    @staticmethod
+    def put(value) -> "Shipped":
+        return Shipped(ray.put(value))
+
+    def get(self):
+        return ray.get(self.ref)
 
 
 class Embedder:
@@ -56,8 +77,8 @@ class Embedder:
         batch_size: int = 64,
     ):
         torch.set_num_threads(threads)
-        if isinstance(weights, ray.ObjectRef):  # fetched once on the driver, shipped through the object store
-            weights = ray.get(weights)
+        if isinstance(weights, Shipped):  # resolved once on the driver, shipped through the object store
+            weights = weights.get()
         self.device = devices.worker_device(device == "cuda", devices.assigned_gpus())
         self.autocast = devices.autocast_dtype(precision) if self.device.type == "cuda" else None
         self.model = create_backbone(weights).to(self.device, memory_format=torch.channels_last).eval()
@@ -125,8 +146,11 @@ def stream_units(
     batch_size: int,
     decode_batch: int,
     sink: PartSink,
+    stage: str = "features",
 ) -> None:
-    """Read `units`, decode on tasks, run `actor` on an actor pool per `plan`, and feed the sink."""
+    """Read `units`, decode on tasks, run `actor` on an actor pool per `plan`, and feed the sink;
+    logs the `stage`'s progress every PROGRESS_EVERY_S seconds when stderr is not a terminal (there
+    Ray Data draws a bar)."""
     # A unit is read as one block (up to a whole shard); cut it into decode-sized blocks, so that
     # decoding spreads over tasks and the model actors start on the first batch, not the last.
     ds = source.dataset(units).repartition(target_num_rows_per_block=decode_batch)
@@ -134,7 +158,7 @@ def stream_units(
         augment.build_eval_transform(weights.preprocessing), batch_size=decode_batch, batch_format="numpy"
     )
     kwargs = {
-        "weights": ray.put(weights),
+        "weights": Shipped.put(weights),
         "threads": plan.threads,
         "device": plan.device,
         "precision": plan.precision,
@@ -152,8 +176,15 @@ def stream_units(
     # GPU actors that cannot be placed (a node with too few CPUs for them, GPUs that never come)
     # end the job after a bound instead of leaving it pending for ever.
     ds.context.wait_for_min_actors_s = int(plan.start_wait_s) if plan.start_wait_s > 0 else -1
+    total, done, started = sum(u.count for u in units), 0, time.monotonic()
+    last = started
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         sink.add(batch)
+        done += len(batch[schema.KEY])
+        if time.monotonic() - last >= PROGRESS_EVERY_S and not sys.stderr.isatty():
+            last = time.monotonic()
+            rate = done / (last - started)
+            log.info("%s: %d of %d inputs (%.0f%%), %.1f images/s", stage, done, total, 100 * done / total, rate)
     sink.close()
 
 
@@ -182,16 +213,35 @@ def features_table(dim: int, dtype: str) -> Callable[[Batch], pa.Table]:
     return make
 
 
-def run(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig) -> dict:
-    """Embed `cfg.source` into `cfg.output`, writing only missing parts; returns the counts.
-    Ray must be connected."""
+@dataclass(frozen=True)
+class Checked:
+    """What `check` found: the input, the output location, the model's weights and embedding size."""
+
+    full: ImageSource
+    source: ImageSource
+    out: storage.Location
+    weights: ResolvedWeights
+    dim: int
+
+
+def check(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig) -> Checked:
+    """Everything that can fail before work starts: the source is there and holds images, the
+    backbone and its weights resolve. Writes nothing and needs no Ray."""
     if not cfg.source or not cfg.output:
         raise ValueError("features needs features.source and features.output (URIs or local paths)")
-    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind)
-    source = full.select(cfg.splits)
-    out = storage.resolve(cfg.output, storage_cfg)
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
-    dim = create_backbone(weights).dim
+    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind)
+    out = storage.resolve(cfg.output, storage_cfg)
+    return Checked(full, full.select(cfg.splits), out, weights, create_backbone(weights).dim)
+
+
+def run(
+    model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig, checked: Checked | None = None
+) -> dict:
+    """Embed `cfg.source` into `cfg.output`, writing only missing parts; returns the counts.
+    Ray must be connected. `checked`: what `check` returned, when the caller checked first."""
+    checked = checked or check(model_cfg, cfg, storage_cfg)
+    full, source, out, weights, dim = checked.full, checked.source, checked.out, checked.weights, checked.dim
     plan = model_actor_plan(model_cfg, cfg.actors, source.count, cfg.batch_size)
     metadata = {
         **{k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in weights.describe().items()},

@@ -284,13 +284,18 @@ def load_head(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[nn.Se
     return head.eval(), {**info, "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def run(cfg: HeadConfig, storage_cfg: StorageConfig) -> dict:
-    """Train a head on `cfg.features`, write head.pt, head.json, metrics.json and plots to
-    `cfg.output`; returns the metrics."""
+def check(cfg: HeadConfig, storage_cfg: StorageConfig) -> FeatureSet:
+    """The finished features that `cfg.features` names, read into memory; writes nothing."""
     if not cfg.features or not cfg.output:
         raise ValueError("train-head needs head.features and head.output (URIs or local paths)")
+    return load_features(cfg.features, storage_cfg)
+
+
+def run(cfg: HeadConfig, storage_cfg: StorageConfig, data: FeatureSet | None = None) -> dict:
+    """Train a head on `cfg.features` (`data`: what `check` read, when the caller checked first), write
+    head.pt, head.json, metrics.json and plots to `cfg.output`; returns the metrics."""
+    data = data or check(cfg, storage_cfg)
     out = storage.resolve(cfg.output, storage_cfg)
-    data = load_features(cfg.features, storage_cfg)
     splits = choose_splits(data, cfg.val_fraction, cfg.seed)
     log.info(
         "train-head: %s head on %d-d %s features, %d classes; %s",

@@ -159,3 +159,11 @@ def _remove_stale_shards(out: storage.Location, manifest: dict) -> None:
         if schema.SHARD_FILE.fullmatch(name) and name not in keep:
             out.fs.delete_file(info.path)
             log.info("prepare: removed %s left by an earlier run", out.uri_of(info.path))
+
+
+def check(cfg: PrepareConfig, storage_cfg: StorageConfig) -> None:
+    """What can fail before work starts: source and output given, the source there and not empty.
+    Writes nothing and needs no Ray (the layout is read by `run`)."""
+    if not cfg.source or not cfg.output:
+        raise ValueError("prepare needs prepare.source and prepare.output (URIs or local paths)")
+    storage.list_files(storage.resolve(cfg.source, storage_cfg))
