@@ -6,12 +6,15 @@ from __future__ import annotations
 from jobs.common import parse_config, run_job, start
 from pipeline import predict, report
 
+SECTIONS = ("classify", "model", "storage", "ray")
+
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse, classify (only the parts still missing), print counts and accuracy when labelled."""
-    cfg = parse_config("classify", __doc__, argv)
-    start(cfg, cfg.classify.output, "classify.output")
-    result = run_job("classify", predict.run, cfg.model, cfg.classify, cfg.storage)
+    cfg = parse_config("classify", __doc__, argv, SECTIONS)
+    checked = run_job("classify", predict.check, cfg.model, cfg.classify, cfg.storage)
+    start("classify", cfg, cfg.classify.output, "classify.output")
+    result = run_job("classify", predict.run, cfg.model, cfg.classify, cfg.storage, checked)
     print(f"model: {result['model']}")
     print(
         f"inputs {result['inputs']} = classified {result['rows']} + rejected {result['rejected']}; "

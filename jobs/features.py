@@ -5,12 +5,15 @@ from __future__ import annotations
 from jobs.common import parse_config, run_job, start
 from pipeline import features
 
+SECTIONS = ("features", "model", "storage", "ray")
+
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse, embed (only the parts still missing), print the counts."""
-    cfg = parse_config("features", __doc__, argv)
-    start(cfg, cfg.features.output, "features.output")
-    result = run_job("features", features.run, cfg.model, cfg.features, cfg.storage)
+    cfg = parse_config("features", __doc__, argv, SECTIONS)
+    checked = run_job("features", features.check, cfg.model, cfg.features, cfg.storage)
+    start("features", cfg, cfg.features.output, "features.output")
+    result = run_job("features", features.run, cfg.model, cfg.features, cfg.storage, checked)
     for split, info in result["splits"].items():
         print(f"{split:>5}: {info['rows']:>8} embedded, {info['rejected']} rejected, {info['parts']} parts")
     print(

@@ -5,11 +5,14 @@ from __future__ import annotations
 from jobs.common import parse_config, run_job, start
 from pipeline import prepare
 
+SECTIONS = ("prepare", "storage", "ray")
+
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse, prepare, print the counts."""
-    cfg = parse_config("prepare", __doc__, argv)
-    out = start(cfg, cfg.prepare.output, "prepare.output")
+    cfg = parse_config("prepare", __doc__, argv, SECTIONS)
+    run_job("prepare", prepare.check, cfg.prepare, cfg.storage)
+    out = start("prepare", cfg, cfg.prepare.output, "prepare.output")
     manifest = run_job("prepare", prepare.run, cfg.prepare, cfg.storage)
     for split, info in manifest["splits"].items():
         print(f"{split:>5}: {info['samples']:>8} samples in {len(info['shards'])} shards")
