@@ -12,8 +12,6 @@ import json
 import logging
 import math
 import os
-import sys
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -28,11 +26,11 @@ from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
 from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors, write_run_file
 from pipeline.placement import ActorPlan
 from pipeline.preprocessing import DeviceNormalizer, readonly_tensor
+from pipeline.progress import StageProgress
 from pipeline.sources import ImageSource, Unit, open_images
 
 log = logging.getLogger("imgpipe")
 
-PROGRESS_EVERY_S = 10.0  # a progress line at most this often (on a terminal Ray Data draws a bar)
 RUN_FILE = "features.json"  # the run's identity, its parts, and (when complete) its counts
 PASSTHROUGH = (schema.KEY, schema.LABEL, schema.SOURCE, schema.SHARD, schema.ERROR)
 
@@ -149,8 +147,7 @@ def stream_units(
     stage: str = "features",
 ) -> None:
     """Read `units`, decode on tasks, run `actor` on an actor pool per `plan`, and feed the sink;
-    logs the `stage`'s progress every PROGRESS_EVERY_S seconds when stderr is not a terminal (there
-    Ray Data draws a bar)."""
+    the `stage`'s progress goes to the log off a terminal (`pipeline.progress`)."""
     # A unit is read as one block (up to a whole shard); cut it into decode-sized blocks, so that
     # decoding spreads over tasks and the model actors start on the first batch, not the last.
     ds = source.dataset(units).repartition(target_num_rows_per_block=decode_batch)
@@ -176,15 +173,10 @@ def stream_units(
     # GPU actors that cannot be placed (a node with too few CPUs for them, GPUs that never come)
     # end the job after a bound instead of leaving it pending for ever.
     ds.context.wait_for_min_actors_s = int(plan.start_wait_s) if plan.start_wait_s > 0 else -1
-    total, done, started = sum(u.count for u in units), 0, time.monotonic()
-    last = started
+    progress = StageProgress(stage, sum(u.count for u in units))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         sink.add(batch)
-        done += len(batch[schema.KEY])
-        if time.monotonic() - last >= PROGRESS_EVERY_S and not sys.stderr.isatty():
-            last = time.monotonic()
-            rate = done / (last - started)
-            log.info("%s: %d of %d inputs (%.0f%%), %.1f images/s", stage, done, total, 100 * done / total, rate)
+        progress.update(len(batch[schema.KEY]))
     sink.close()
 
 

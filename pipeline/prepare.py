@@ -14,11 +14,11 @@ from collections import defaultdict
 
 import numpy as np
 import ray
-from tqdm import tqdm
 
 from pipeline import schema, storage
 from pipeline.config import PrepareConfig, StorageConfig
 from pipeline.layouts import SPLIT_FREE, RawInput, discover
+from pipeline.progress import StageProgress
 from pipeline.shards import ShardPlan, build_manifest, plan_shards, write_shard
 
 log = logging.getLogger("imgpipe")
@@ -107,7 +107,7 @@ def assign_splits(
 def write_all(
     plans: list[ShardPlan], src_fs, out: storage.Location, classes: list[str], max_pixels: int, images
 ) -> list[dict]:
-    """Write every shard as Ray Data work, one task per shard, with a progress bar of inputs."""
+    """Write every shard as Ray Data work, one task per shard, logging progress in inputs."""
     images_ref = ray.put(images) if images is not None else None
     rows = [{"plan": pickle.dumps(p)} for p in plans]
 
@@ -118,11 +118,11 @@ def write_all(
 
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map(write)
     results = []
-    with tqdm(total=sum(len(p.inputs) for p in plans), desc="prepare", unit="img") as bar:
-        for row in ds.iter_rows():
-            result = json.loads(row["result"])
-            results.append(result)
-            bar.update(result["samples"] + len(result["rejects"]))
+    progress = StageProgress("prepare", sum(len(p.inputs) for p in plans))
+    for row in ds.iter_rows():
+        result = json.loads(row["result"])
+        results.append(result)
+        progress.update(result["samples"] + len(result["rejects"]))
     return results
 
 
