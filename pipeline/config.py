@@ -309,6 +309,8 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] in ("model_type", "model_attributes_type", "dict_type") and loc:
         return f"config key '{dotted}' must be a section (a mapping), got {error.get('input')!r}"
     message = error["msg"].removeprefix("Value error, ")
+    if ", got " in message:  # the validator's own message already shows the value
+        return f"config key '{dotted}': {message}"
     return f"config key '{dotted}': {message} (got {error.get('input')!r})"
 
 

@@ -244,7 +244,7 @@ def run(
         "compute": plan.compute,  # bf16 and fp32 embeddings differ: a resume elsewhere must not mix them
     }
     identity = {**metadata, "kind": source.kind}
-    every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite)
+    every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite, "features.overwrite")
     log.info(
         "features: %d inputs in %d parts; %d parts to write, %d already there",
         source.count,

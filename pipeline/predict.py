@@ -165,7 +165,7 @@ def run(
         "source": source.location.uri,
     }
     identity = {**metadata, "kind": source.kind}
-    every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite)
+    every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite, "classify.overwrite")
     log.info(
         "classify with %s: %d inputs in %d parts; %d parts to write",
         model_name,

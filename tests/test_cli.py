@@ -69,12 +69,17 @@ def test_usage_errors_exit_2_with_the_usage_on_stderr():
 
 
 @pytest.mark.timeout(60)
-def test_version():
+def test_version_and_a_bad_value_named_once():
     proc = imgpipe("--version")
     assert (proc.returncode, proc.stderr) == (0, "")
     from importlib.metadata import version
 
     assert proc.stdout == f"imgpipe {version('imgpipe')}\n"
+    bad = imgpipe("prepare", "--set", "prepare.split={train: 0.5}")
+    assert bad.returncode == 1
+    assert one_line(bad) == (
+        "imgpipe prepare: config key 'prepare.split': split ratios must be >= 0 and sum to 1, got {'train': 0.5}"
+    )
 
 
 # ---------------------------------------------------------------- an unreachable cluster
@@ -237,3 +242,19 @@ def test_a_quiet_run_prints_nothing_to_stderr(tmp_path):
     assert "inputs 8 = embedded 8 + rejected 0" in proc.stdout
     assert pq.read_table(tmp_path / "out" / "all" / "part-000000.parquet").num_rows == 8
     assert os.path.exists(tmp_path / "out" / "config.yaml")
+    # Another run's output is refused with the full dotted key to override it.
+    other = imgpipe(
+        "features",
+        "-q",
+        "--set",
+        f"features.source={tmp_path / 'raw'}",
+        "--set",
+        f"features.output={tmp_path / 'out'}",
+        "--set",
+        "ray.num_cpus=4",
+        "--set",
+        "features.dtype=float32",
+        timeout=280,
+    )
+    assert other.returncode == 1
+    assert one_line(other).endswith("choose a new output, delete the old one, or set features.overwrite=true")
