@@ -272,6 +272,8 @@ def dump_config(cfg: Config) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file, e.g. one from configs/")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file from configs/")
     try:

@@ -75,6 +75,10 @@ def test_version_and_a_bad_value_named_once():
     from importlib.metadata import version
 
     assert proc.stdout == f"imgpipe {version('imgpipe')}\n"
+    folder = imgpipe("prepare", "-c", "configs")
+    assert (
+        one_line(folder) == "imgpipe prepare: config file configs is a folder; pass a YAML file, e.g. one from configs/"
+    )
     bad = imgpipe("prepare", "--set", "prepare.split={train: 0.5}")
     assert bad.returncode == 1
     assert one_line(bad) == (
