@@ -53,6 +53,7 @@ def configure(verbosity: str) -> None:
                     handler.addFilter(_not_a_notice)
     # Python warnings: one log line each (with --quiet, only those raised by imgpipe's own code).
     logging.captureWarnings(True)
+    warnings.formatwarning = _one_line_warning
     if verbosity == "quiet":
         warnings.simplefilter("ignore")
         warnings.filterwarnings("default", module=r"(pipeline|jobs|cluster)(\.|$)")
@@ -61,6 +62,10 @@ def configure(verbosity: str) -> None:
     # One bar per stage on a terminal; --verbose adds one per operator (decode, model, ...).
     ctx.enable_operator_progress_bars = verbosity == "verbose"
     _ = ray.data  # imported for its logging setup, which must exist before its handlers are tuned
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{category.__name__}: {message} ({filename}:{lineno})"
 
 
 def verbosity() -> str:

@@ -11,6 +11,8 @@ import time
 log = logging.getLogger("imgpipe")
 
 EVERY_S = 10.0
+# Read once, at import: a job may later route file descriptor 2 through a pipe (jobs.console).
+TERMINAL = sys.stderr.isatty()
 
 
 class StageProgress:
@@ -20,7 +22,7 @@ class StageProgress:
         self.stage, self.total, self.unit = stage, total, unit
         self.done, self.started = 0, time.monotonic()
         self.last = self.started
-        self.enabled = log.isEnabledFor(logging.INFO) and not sys.stderr.isatty()
+        self.enabled = log.isEnabledFor(logging.INFO) and not TERMINAL
 
     def update(self, n: int) -> None:
         self.done += n
