@@ -3,7 +3,7 @@ bucket of images -> predictions Parquet with top-k."""
 
 from __future__ import annotations
 
-from jobs.common import parse_config, run_job, start
+from jobs.common import parse_config, run_job, start, written_text
 from pipeline import predict, report
 
 SECTIONS = ("classify", "model", "storage", "ray")
@@ -18,11 +18,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model: {result['model']}")
     print(
         f"inputs {result['inputs']} = classified {result['rows']} + rejected {result['rejected']}; "
-        f"{result['written']} parts written this run"
+        f"{written_text(result['written'])}"
     )
     for split, m in (result["metrics"] or {}).items():
         print(f"{split:>5}: {report.accuracy_text(m)}  ({m['samples']} labelled)")
-    print(f"wrote predictions to {result['output']}; rejects in {result['output']}/errors.jsonl")
+    where = f"{result['output']}; rejects in {result['output']}/errors.jsonl"
+    print(f"wrote predictions to {where}" if result["written"] else f"predictions already complete in {where}")
     return result
 
 

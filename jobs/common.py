@@ -80,6 +80,16 @@ def _end(job: str, message: str) -> None:
     os._exit(1)
 
 
+def plural(count: int, word: str) -> str:
+    """`1 part`, `3 parts`."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def written_text(written: int) -> str:
+    """How many parts this run wrote; a resume that found everything there says so."""
+    return f"{plural(written, 'part')} written this run" if written else "nothing to write: every part was there"
+
+
 def run_job(job: str, fn, *args) -> object:
     """Call the job's pipeline entry; user-facing errors end the process with one line."""
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.common import parse_config, run_job, start
+from jobs.common import parse_config, plural, run_job, start
 from pipeline import prepare
 
 SECTIONS = ("prepare", "storage", "ray")
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = start("prepare", cfg, cfg.prepare.output, "prepare.output")
     manifest = run_job("prepare", prepare.run, cfg.prepare, cfg.storage)
     for split, info in manifest["splits"].items():
-        print(f"{split:>5}: {info['samples']:>8} samples in {len(info['shards'])} shards")
+        print(f"{split:>5}: {info['samples']:>8} samples in {plural(len(info['shards']), 'shard')}")
     print(f"inputs {manifest['inputs']} = samples {manifest['samples']} + rejected {manifest['rejected']}")
     print(f"wrote {out.uri}/manifest.json; rejects listed in {out.uri}/errors.jsonl")
     return manifest

@@ -246,6 +246,10 @@ def test_a_quiet_run_prints_nothing_to_stderr(tmp_path):
     assert "inputs 8 = embedded 8 + rejected 0" in proc.stdout
     assert pq.read_table(tmp_path / "out" / "all" / "part-000000.parquet").num_rows == 8
     assert os.path.exists(tmp_path / "out" / "config.yaml")
+    again = imgpipe(*proc.args[3:], env=env, timeout=280)  # the same run: a resume with nothing left to do
+    assert (again.returncode, again.stderr) == (0, "")
+    assert "inputs 8 = embedded 8 + rejected 0; nothing to write: every part was there" in again.stdout
+    assert f"embeddings of efficientnet_lite0, already complete in {tmp_path / 'out'};" in again.stdout
     # Another run's output is refused with the full dotted key to override it.
     other = imgpipe(
         "features",
