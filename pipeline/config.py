@@ -248,6 +248,14 @@ class Config(Section):
     demo: DemoConfig = DemoConfig()
 
 
+def require(job: str, section: str, values: Section, keys: tuple[str, ...], what: str = "URIs or local paths") -> None:
+    """Fail with one line that names every one of `keys` left empty in `section` at once."""
+    missing = [f"{section}.{k}" for k in keys if not getattr(values, k)]
+    if missing:
+        listed = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        raise ConfigError(f"{job} needs {listed} ({what}); set {'them' if len(missing) > 1 else 'it'} with --set or -c")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML file (or the defaults), apply `a.b=c` overrides, validate."""
     raw: dict[str, Any] = {}

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from pipeline import augment, devices, placement, schema, storage
-from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig
+from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig, require
 from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
 from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors, write_run_file
 from pipeline.placement import ActorPlan
@@ -219,8 +219,7 @@ class Checked:
 def check(model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig) -> Checked:
     """Everything that can fail before work starts: the source is there and holds images, the
     backbone and its weights resolve. Writes nothing and needs no Ray."""
-    if not cfg.source or not cfg.output:
-        raise ValueError("features needs features.source and features.output (URIs or local paths)")
+    require("features", "features", cfg, ("source", "output"))
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
     full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind)
     out = storage.resolve(cfg.output, storage_cfg)

@@ -25,7 +25,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchTrainer
 
 from pipeline import demo, loader, predict, report, runtime, storage, trainloop, transfer
-from pipeline.config import ClassifyConfig, Config, FinetuneConfig, ModelConfig
+from pipeline.config import ClassifyConfig, Config, FinetuneConfig, ModelConfig, require
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.preprocessing import Preprocessing
 from pipeline.sources import MANIFEST, ImageSource, open_images
@@ -116,8 +116,7 @@ def run(cfg: Config, checked: Checked | None = None) -> dict:
 
 def check_inputs(ft: FinetuneConfig, cfg: Config) -> tuple[ImageSource, storage.Location]:
     """The source has the train and val splits; the output is a location."""
-    if not ft.source or not ft.output:
-        raise ValueError("finetune needs finetune.source (prepared shards) and finetune.output (the run folder)")
+    require("finetune", "finetune", ft, ("source", "output"), "prepared shards and the run folder")
     if not storage.exists(storage.resolve(ft.source, cfg.storage).join(MANIFEST)):
         raise ValueError(
             f"{ft.source}: no prepared shards here (no {MANIFEST}); run `imgpipe prepare` on the images first"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pipeline import report, schema, storage
-from pipeline.config import HeadConfig, StorageConfig
+from pipeline.config import HeadConfig, StorageConfig, require
 from pipeline.features import RUN_FILE
 from pipeline.parts import read_parts
 
@@ -286,8 +286,7 @@ def load_head(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[nn.Se
 
 def check(cfg: HeadConfig, storage_cfg: StorageConfig) -> FeatureSet:
     """The finished features that `cfg.features` names, read into memory; writes nothing."""
-    if not cfg.features or not cfg.output:
-        raise ValueError("train-head needs head.features and head.output (URIs or local paths)")
+    require("train-head", "head", cfg, ("features", "output"))
     return load_features(cfg.features, storage_cfg)
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import report, schema, storage
-from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig
+from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig, require
 from pipeline.features import Embedder, Shipped, model_actor_plan, stream_units
 from pipeline.heads import create_head, load_head
 from pipeline.models import ResolvedWeights, resolve_weights
@@ -135,8 +135,7 @@ class Checked:
 def check(model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig) -> Checked:
     """Everything that can fail before work starts: the source is there and holds images, the
     model resolves, the head is there and matches its backbone. Writes nothing and needs no Ray."""
-    if not cfg.source or not cfg.output:
-        raise ValueError("classify needs classify.source and classify.output (URIs or local paths)")
+    require("classify", "classify", cfg, ("source", "output"))
     model = resolve_model(model_cfg, cfg.head, storage_cfg)
     full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind)
     return Checked(full, full.select(cfg.splits), storage.resolve(cfg.output, storage_cfg), model)

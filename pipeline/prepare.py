@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from pipeline import schema, storage
-from pipeline.config import PrepareConfig, StorageConfig
+from pipeline.config import PrepareConfig, StorageConfig, require
 from pipeline.layouts import SPLIT_FREE, RawInput, discover
 from pipeline.progress import StageProgress
 from pipeline.shards import ShardPlan, build_manifest, plan_shards, write_shard
@@ -164,6 +164,5 @@ def _remove_stale_shards(out: storage.Location, manifest: dict) -> None:
 def check(cfg: PrepareConfig, storage_cfg: StorageConfig) -> None:
     """What can fail before work starts: source and output given, the source there and not empty.
     Writes nothing and needs no Ray (the layout is read by `run`)."""
-    if not cfg.source or not cfg.output:
-        raise ValueError("prepare needs prepare.source and prepare.output (URIs or local paths)")
+    require("prepare", "prepare", cfg, ("source", "output"))
     storage.list_files(storage.resolve(cfg.source, storage_cfg))

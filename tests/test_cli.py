@@ -79,6 +79,10 @@ def test_version_and_a_bad_value_named_once():
     assert (
         one_line(folder) == "imgpipe prepare: config file configs is a folder; pass a YAML file, e.g. one from configs/"
     )
+    half = imgpipe("classify", "--set", "classify.source=s3://b/x")
+    assert one_line(half) == (
+        "imgpipe classify: classify needs classify.output (URIs or local paths); set it with --set or -c"
+    )
     bad = imgpipe("prepare", "--set", "prepare.split={train: 0.5}")
     assert bad.returncode == 1
     assert one_line(bad) == (

@@ -72,7 +72,8 @@ def test_missing_output_and_bad_bucket_are_one_line(tmp_path, s3_endpoint):
     assert (
         proc.returncode != 0
         and proc.stderr.strip()
-        == "imgpipe prepare: prepare needs prepare.source and prepare.output (URIs or local paths)"
+        == "imgpipe prepare: prepare needs prepare.source and prepare.output (URIs or local paths); "
+        "set them with --set or -c"
     )
     write_imagefolder(tmp_path / "raw", {"a": 1})
     proc = run_prepare(tmp_path / "raw", "s3://no-such-bucket-zz/out", env=_env())
