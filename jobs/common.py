@@ -75,6 +75,7 @@ def start(job: str, cfg: Config, output: str, key: str) -> storage.Location:
 
 def _end(job: str, message: str) -> None:
     """End the process from any thread with one line (a `ray.init` that waits cannot be interrupted)."""
+    console.restore_stderr()
     sys.stderr.write(f"imgpipe {job}: {message}\n")
     sys.stderr.flush()
     os._exit(1)

@@ -8,6 +8,7 @@ import atexit
 import logging
 import os
 import re
+import select
 import sys
 import threading
 import time
@@ -87,7 +88,8 @@ NATIVE_NOISE = re.compile(
 
 def drop_native_noise() -> None:
     """Route this process's file descriptor 2 through a thread that forwards everything but
-    `NATIVE_NOISE`, chunk by chunk as it comes (so terminal progress bars still draw)."""
+    `NATIVE_NOISE`, chunk by chunk as it comes (so terminal progress bars still draw);
+    `restore_stderr` (also run at exit) puts the real one back."""
     read_end, write_end = os.pipe()
     real = os.dup(2)
     sys.stderr.flush()
@@ -101,9 +103,24 @@ def drop_native_noise() -> None:
     thread = threading.Thread(target=forward, name="imgpipe-stderr", daemon=True)
     thread.start()
 
-    def restore() -> None:  # at exit: give the forwarder the last lines, then write directly again
+    def restore() -> None:
         sys.stderr.flush()
-        time.sleep(0.05)
-        os.dup2(real, 2)
+        os.dup2(real, 2)  # from here on, writes go straight out
+        # Let the forwarder move what was written before (Ray's processes may keep the pipe open,
+        # so it never sees its end): wait while the pipe still holds data, 1 s at most.
+        deadline = time.monotonic() + 1.0
+        while thread.is_alive() and time.monotonic() < deadline and select.select([read_end], [], [], 0)[0]:
+            time.sleep(0.01)
+        time.sleep(0.02)
 
-    atexit.register(restore)
+    _restore.append(restore)
+    atexit.register(restore_stderr)
+
+
+_restore: list = []
+
+
+def restore_stderr() -> None:
+    """Undo `drop_native_noise` (once), after the lines already written have gone out."""
+    while _restore:
+        _restore.pop()()
