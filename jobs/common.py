@@ -1,14 +1,18 @@
-"""What every job does first: parse the shared flags, load the config, log, connect to Ray."""
+"""What every job does first: parse the shared flags, load the config, check, connect to Ray, and how
+it fails: one line, prefixed `imgpipe <job>:`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 
+import ray
 from ray.exceptions import RayError, RayTaskError
 
+from jobs import console, helptext
 from pipeline import runtime, storage
 from pipeline.config import Config, ConfigError, dump_config, load_config
 
@@ -19,9 +23,15 @@ _RAISED = re.compile(
 )
 
 
-def parse_config(job: str, description: str, argv: list[str] | None) -> Config:
-    """`--config FILE`, repeated `--set a.b=c`, `--address ADDR`; exits with one line on a bad config."""
-    parser = argparse.ArgumentParser(prog=f"imgpipe {job}", description=description)
+def parse_config(job: str, description: str, argv: list[str] | None, sections: tuple[str, ...] = ()) -> Config:
+    """`--config FILE`, repeated `--set a.b=c`, `--address ADDR`, `-q`/`-v`; a bad config exits with one
+    line; `--help` lists the config keys of `sections` (the ones the job reads) with their defaults."""
+    parser = argparse.ArgumentParser(
+        prog=f"imgpipe {job}",
+        description=description,
+        epilog=helptext.config_keys(sections, job),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", "-c", help="YAML config file (see configs/)")
     parser.add_argument(
         "--set",
@@ -32,11 +42,11 @@ def parse_config(job: str, description: str, argv: list[str] | None) -> Config:
         help="override a config key, e.g. --set prepare.seed=1",
     )
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="log warnings only")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("--quiet", "-q", action="store_true", help="print imgpipe's warnings and errors only")
+    loud.add_argument("--verbose", "-v", action="store_true", help="also Ray's INFO lines and progress blocks")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    console.configure("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     overrides = list(args.set) + ([f"ray.address={args.address}"] if args.address else [])
     try:
         return load_config(args.config, overrides)
@@ -44,18 +54,41 @@ def parse_config(job: str, description: str, argv: list[str] | None) -> Config:
         sys.exit(f"imgpipe {job}: {exc}")
 
 
-def start(cfg: Config, output: str, key: str) -> storage.Location:
-    """Check the output (config key `key`) is writable, connect to Ray, write the resolved config there."""
+def start(job: str, cfg: Config, output: str, key: str) -> storage.Location:
+    """Check the output (config key `key`) can be written, without creating it; connect to Ray (a cluster
+    within ray.connect_timeout_s); write the resolved config there. Call it after the job's own checks."""
     if not output:
-        sys.exit(f"imgpipe: no output given; set {key} (a local path or s3:// / gs:// URI)")
+        sys.exit(f"imgpipe {job}: no output given; set {key} (a local path or s3:// / gs:// URI)")
     try:
         out = storage.resolve(output, cfg.storage)
         storage.check_writable(out)
-        runtime.connect(cfg.ray)
+        # Quiet: what Ray workers print (stderr of tasks and actors) stays in Ray's log files.
+        log_to_driver = console.verbosity() != "quiet"
+        if console.verbosity() != "verbose" and not ray.is_initialized():  # a process of its own, not a test's
+            console.drop_native_noise()
+        runtime.connect(cfg.ray, log_to_driver=log_to_driver, on_timeout=lambda message: _end(job, message))
         storage.write_bytes(out.join("config.yaml"), dump_config(cfg).encode())
-    except storage.StorageError as exc:
-        sys.exit(f"imgpipe: {exc}")
+    except (storage.StorageError, runtime.ClusterUnreachable) as exc:
+        sys.exit(f"imgpipe {job}: {exc}")
     return out
+
+
+def _end(job: str, message: str) -> None:
+    """End the process from any thread with one line (a `ray.init` that waits cannot be interrupted)."""
+    console.restore_stderr()
+    sys.stderr.write(f"imgpipe {job}: {message}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def plural(count: int, word: str) -> str:
+    """`1 part`, `3 parts`."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def written_text(written: int) -> str:
+    """How many parts this run wrote; a resume that found everything there says so."""
+    return f"{plural(written, 'part')} written this run" if written else "nothing to write: every part was there"
 
 
 def run_job(job: str, fn, *args) -> object:

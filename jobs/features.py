@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-from jobs.common import parse_config, run_job, start
+from jobs.common import parse_config, plural, run_job, start, written_text
 from pipeline import features
+
+SECTIONS = ("features", "model", "webdataset", "storage", "ray")
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse, embed (only the parts still missing), print the counts."""
-    cfg = parse_config("features", __doc__, argv)
-    start(cfg, cfg.features.output, "features.output")
-    result = run_job("features", features.run, cfg.model, cfg.features, cfg.storage, cfg.webdataset)
+    cfg = parse_config("features", __doc__, argv, SECTIONS)
+    checked = run_job("features", features.check, cfg.model, cfg.features, cfg.storage, cfg.webdataset)
+    start("features", cfg, cfg.features.output, "features.output")
+    result = run_job("features", features.run, cfg.model, cfg.features, cfg.storage, cfg.webdataset, checked)
     for split, info in result["splits"].items():
-        print(f"{split:>5}: {info['rows']:>8} embedded, {info['rejected']} rejected, {info['parts']} parts")
+        print(f"{split:>5}: {info['rows']:>8} embedded, {info['rejected']} rejected, {plural(info['parts'], 'part')}")
     print(
         f"inputs {result['inputs']} = embedded {result['rows']} + rejected {result['rejected']}; "
-        f"{result['written']} parts written this run"
+        f"{written_text(result['written'])}"
     )
-    print(
-        f"wrote {result['dim']}-d {cfg.features.dtype} embeddings of {cfg.model.backbone} to "
-        f"{result['output']}; rejects in {result['output']}/errors.jsonl"
-    )
+    what = f"{result['dim']}-d {cfg.features.dtype} embeddings of {cfg.model.backbone}"
+    where = f"{result['output']}; rejects in {result['output']}/errors.jsonl"
+    print(f"wrote {what} to {where}" if result["written"] else f"{what}, already complete in {where}")
     return result
 
 

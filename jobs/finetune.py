@@ -7,12 +7,15 @@ from __future__ import annotations
 from jobs.common import parse_config, run_job, start
 from pipeline import finetune
 
+SECTIONS = ("finetune", "model", "augment", "loader", "storage", "ray")
+
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse, fine-tune (or resume), print the accuracies and where the model and plots are."""
-    cfg = parse_config("finetune", __doc__, argv)
-    start(cfg, cfg.finetune.output, "finetune.output")
-    result = run_job("finetune", finetune.run, cfg)
+    cfg = parse_config("finetune", __doc__, argv, SECTIONS)
+    checked = run_job("finetune", finetune.check, cfg)
+    start("finetune", cfg, cfg.finetune.output, "finetune.output")
+    result = run_job("finetune", finetune.run, cfg, checked)
     if result.get("already_finished"):
         print(f"the run in {result['output']} is already finished; nothing to do")
     print(f"best epoch {result['best_epoch']} of {result['epochs_run']} ({result['seconds']} s of training)")

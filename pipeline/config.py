@@ -43,6 +43,7 @@ class RayConfig(Section):
     """Where jobs run: a cluster address, else an embedded local Ray."""
 
     address: Optional[str] = None  # else RAY_ADDRESS; else embedded
+    connect_timeout_s: float = Field(default=15.0, gt=0)  # joining a cluster: fail in one line after this
     num_cpus: Optional[int] = None  # embedded only; default max(cores, 4), see runtime.py
     object_store_memory_mb: Optional[int] = None  # embedded only
 
@@ -293,6 +294,14 @@ class Config(Section):
     inspect: InspectConfig = InspectConfig()
 
 
+def require(job: str, section: str, values: Section, keys: tuple[str, ...], what: str = "URIs or local paths") -> None:
+    """Fail with one line that names every one of `keys` left empty in `section` at once."""
+    missing = [f"{section}.{k}" for k in keys if not getattr(values, k)]
+    if missing:
+        listed = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        raise ConfigError(f"{job} needs {listed} ({what}); set {'them' if len(missing) > 1 else 'it'} with --set or -c")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML file (or the defaults), apply `a.b=c` overrides, validate."""
     raw: dict[str, Any] = {}
@@ -317,6 +326,8 @@ def dump_config(cfg: Config) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file, e.g. one from configs/")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file from configs/")
     try:
@@ -354,6 +365,8 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] in ("model_type", "model_attributes_type", "dict_type") and loc:
         return f"config key '{dotted}' must be a section (a mapping), got {error.get('input')!r}"
     message = error["msg"].removeprefix("Value error, ")
+    if ", got " in message:  # the validator's own message already shows the value
+        return f"config key '{dotted}': {message}"
     return f"config key '{dotted}': {message} (got {error.get('input')!r})"
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -21,13 +21,14 @@ import ray
 import torch
 
 from pipeline import augment, devices, placement, schema, storage
-from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig, WebDatasetConfig
+from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig, WebDatasetConfig, require
 from pipeline.engine import choose as choose_engine
 from pipeline.engine import onnx_backbone
 from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
 from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors, write_run_file
 from pipeline.placement import ActorPlan
 from pipeline.preprocessing import DeviceNormalizer, readonly_tensor
+from pipeline.progress import StageProgress
 from pipeline.sources import ImageSource, Unit, open_images
 
 log = logging.getLogger("imgpipe")
@@ -37,6 +38,23 @@ PASSTHROUGH = (schema.KEY, schema.LABEL, schema.SOURCE, schema.MEMBER, schema.SH
 
 
 # ---------------------------------------------------------------- the model stage (Ray actors)
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A value put once in Ray's object store, handed to actors as a reference inside this small
+    container. Ray then inlines the constructor arguments: an actor that Ray may restart must not
+    take them from the object store (Ray logs an ERROR for every such pool), and each actor still
+    fetches the weights from the object store instead of resolving or downloading them again."""
+
+    ref: ray.ObjectRef
+
+    @staticmethod
+    def put(value) -> "Shipped":
+        return Shipped(ray.put(value))
+
+    def get(self):
+        return ray.get(self.ref)
 
 
 class Embedder:
@@ -60,8 +78,8 @@ class Embedder:
         engine: str = "eager",
     ):
         torch.set_num_threads(threads)
-        if isinstance(weights, ray.ObjectRef):  # fetched once on the driver, shipped through the object store
-            weights = ray.get(weights)
+        if isinstance(weights, Shipped):  # resolved once on the driver, shipped through the object store
+            weights = weights.get()
         self.device = devices.worker_device(device == "cuda", devices.assigned_gpus())
         self.autocast = devices.autocast_dtype(precision) if self.device.type == "cuda" else None
         self.model = create_backbone(weights).to(self.device, memory_format=torch.channels_last).eval()
@@ -156,8 +174,10 @@ def stream_units(
     batch_size: int,
     decode_batch: int,
     sink: PartSink,
+    stage: str = "features",
 ) -> None:
-    """Read `units`, decode on tasks, run `actor` on an actor pool per `plan`, and feed the sink."""
+    """Read `units`, decode on tasks, run `actor` on an actor pool per `plan`, and feed the sink;
+    the `stage`'s progress goes to the log off a terminal (`pipeline.progress`)."""
     # A unit is read as one block (up to a whole shard); cut it into decode-sized blocks, so that
     # decoding spreads over tasks and the model actors start on the first batch, not the last.
     cpu_work = plan.cpu_remote_args
@@ -166,7 +186,7 @@ def stream_units(
         augment.build_eval_transform(weights.preprocessing), batch_size=decode_batch, batch_format="numpy", **cpu_work
     )
     kwargs = {
-        "weights": ray.put(weights),
+        "weights": Shipped.put(weights),
         "threads": plan.threads,
         "device": plan.device,
         "precision": plan.precision,
@@ -186,8 +206,10 @@ def stream_units(
     # GPU actors that cannot be placed (a node with too few CPUs for them, GPUs that never come)
     # end the job after a bound instead of leaving it pending for ever.
     ds.context.wait_for_min_actors_s = int(plan.start_wait_s) if plan.start_wait_s > 0 else -1
+    progress = StageProgress(stage, sum(u.count for u in units))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         sink.add(batch)
+        progress.update(len(batch[schema.KEY]))
     sink.close()
 
 
@@ -224,18 +246,40 @@ def origin_columns(rows: Batch) -> dict[str, pa.Array]:
     }
 
 
-def run(
+@dataclass(frozen=True)
+class Checked:
+    """What `check` found: the input, the output location, the model's weights and embedding size."""
+
+    full: ImageSource
+    source: ImageSource
+    out: storage.Location
+    weights: ResolvedWeights
+    dim: int
+
+
+def check(
     model_cfg: ModelConfig, cfg: FeaturesConfig, storage_cfg: StorageConfig, wds_cfg: WebDatasetConfig | None = None
+) -> Checked:
+    """Everything that can fail before work starts: the source is there and holds images, the
+    backbone and its weights resolve. Writes nothing and needs no Ray."""
+    require("features", "features", cfg, ("source", "output"))
+    weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
+    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind, wds=wds_cfg)
+    out = storage.resolve(cfg.output, storage_cfg)
+    return Checked(full, full.select(cfg.splits), out, weights, create_backbone(weights).dim)
+
+
+def run(
+    model_cfg: ModelConfig,
+    cfg: FeaturesConfig,
+    storage_cfg: StorageConfig,
+    wds_cfg: WebDatasetConfig | None = None,
+    checked: Checked | None = None,
 ) -> dict:
     """Embed `cfg.source` into `cfg.output`, writing only missing parts; returns the counts.
-    Ray must be connected."""
-    if not cfg.source or not cfg.output:
-        raise ValueError("features needs features.source and features.output (URIs or local paths)")
-    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind, wds=wds_cfg)
-    source = full.select(cfg.splits)
-    out = storage.resolve(cfg.output, storage_cfg)
-    weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
-    dim = create_backbone(weights).dim
+    Ray must be connected. `checked`: what `check` returned, when the caller checked first."""
+    checked = checked or check(model_cfg, cfg, storage_cfg, wds_cfg)
+    full, source, out, weights, dim = checked.full, checked.source, checked.out, checked.weights, checked.dim
     cpu_only = "features.cpu_only_nodes" if cfg.cpu_only_nodes else None
     rows = source.count if source.counted else None
     plan = model_actor_plan(model_cfg, cfg.actors, rows, cfg.batch_size, cpu_only, weights.digest)
@@ -248,7 +292,7 @@ def run(
         "compute": plan.compute,  # bf16 and fp32 embeddings differ: a resume elsewhere must not mix them
     }
     identity = {**metadata, **source.identity()}
-    every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite)
+    every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite, "features.overwrite")
     log.info(
         "features: %s inputs in %d parts; %d parts to write, %d already there",
         source.count if source.counted else "(counted as read)",

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import ray
 import torch
@@ -25,7 +25,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchTrainer
 
 from pipeline import demo, gallery, loader, predict, report, runreport, runtime, storage, trainloop, transfer
-from pipeline.config import ClassifyConfig, Config, FinetuneConfig, ModelConfig
+from pipeline.config import ClassifyConfig, Config, FinetuneConfig, ModelConfig, require
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.preprocessing import Preprocessing
 from pipeline.sources import MANIFEST, ImageSource, open_images
@@ -45,22 +45,27 @@ class TrainingFailed(ValueError):
     (a ValueError, so that jobs print it in one line)."""
 
 
-def run(cfg: Config) -> dict:
-    """Fine-tune per `cfg.finetune` (model, augment, loader and storage sections too); returns
-    the summary. Ray must be connected. Everything checkable is checked before a worker starts."""
+@dataclass(frozen=True)
+class Checked:
+    """What `check` found: the input, the run folder, the run's identity and previous run file, the weights."""
+
+    source: ImageSource
+    out: storage.Location
+    identity: dict
+    previous: dict | None
+    weights: ResolvedWeights
+
+
+def check(cfg: Config) -> Checked | None:
+    """Everything that can fail before a worker starts, short of the cluster's size: the prepared
+    input and its splits, another run in the output, the backbone, its weights and the mode.
+    Writes nothing and needs no Ray. None for the demo's digits, prepared on first use (with Ray)."""
     if cfg.finetune.source == demo.DIGITS_SOURCE:
-        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"source": demo.prepared_digits(cfg)})})
+        return None
     ft = cfg.finetune
     source, out = check_inputs(ft, cfg)
     identity = run_identity(cfg, source)
     previous = read_run_file(out)
-    if previous and previous.get("identity") == identity and previous.get("complete"):
-        log.info(
-            "finetune: the run in %s is already finished; nothing to do "
-            "(a new finetune.output, or finetune.overwrite=true, trains again)",
-            out.uri,
-        )
-        return {**previous["summary"], "already_finished": True}
     if previous and previous.get("identity") != identity and not ft.overwrite:
         raise ValueError(
             f"{out.uri} holds a fine-tuning run of another config or input "
@@ -69,6 +74,31 @@ def run(cfg: Config) -> dict:
         )
     weights = resolve_weights(cfg.model.backbone, cfg.model.weights, cfg.storage)
     transfer.check_mode(weights.backbone, ft, weights.state_dict is not None)
+    return Checked(source, out, identity, previous, weights)
+
+
+def run(cfg: Config, checked: Checked | None = None) -> dict:
+    """Fine-tune per `cfg.finetune` (model, augment, loader and storage sections too); returns
+    the summary. Ray must be connected. Everything checkable is checked before a worker starts
+    (`checked`: what `check` returned, when the caller checked first)."""
+    if cfg.finetune.source == demo.DIGITS_SOURCE:
+        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"source": demo.prepared_digits(cfg)})})
+    checked = checked or check(cfg)
+    ft = cfg.finetune
+    source, out, identity, previous, weights = (
+        checked.source,
+        checked.out,
+        checked.identity,
+        checked.previous,
+        checked.weights,
+    )
+    if previous and previous.get("identity") == identity and previous.get("complete"):
+        log.info(
+            "finetune: the run in %s is already finished; nothing to do "
+            "(a new finetune.output, or finetune.overwrite=true, trains again)",
+            out.uri,
+        )
+        return {**previous["summary"], "already_finished": True}
     check_resources(ft)
     if previous and previous.get("identity") != identity:  # overwrite, now that the new run is known to start
         train_dir = out.join(TRAIN_DIR)
@@ -86,8 +116,7 @@ def run(cfg: Config) -> dict:
 
 def check_inputs(ft: FinetuneConfig, cfg: Config) -> tuple[ImageSource, storage.Location]:
     """The source has the train and val splits; the output is a location."""
-    if not ft.source or not ft.output:
-        raise ValueError("finetune needs finetune.source (prepared shards) and finetune.output (the run folder)")
+    require("finetune", "finetune", ft, ("source", "output"), "prepared shards and the run folder")
     if not storage.exists(storage.resolve(ft.source, cfg.storage).join(MANIFEST)):
         raise ValueError(
             f"{ft.source}: no prepared shards here (no {MANIFEST}); run `imgpipe prepare` on the images first"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline import embedmap, gallery, report, runreport, schema, storage
-from pipeline.config import HeadConfig, StorageConfig
+from pipeline.config import HeadConfig, StorageConfig, require
 from pipeline.features import RUN_FILE
 from pipeline.parts import ERRORS_FILE, read_parts
 
@@ -292,15 +292,19 @@ def load_head(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[nn.Se
     return head.eval(), {**info, "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def run(cfg: HeadConfig, storage_cfg: StorageConfig) -> dict:
-    """Train a head on `cfg.features`, write head.pt, head.json, metrics.json and plots to
-    `cfg.output`; returns the metrics."""
-    if not cfg.features or not cfg.output:
-        raise ValueError("train-head needs head.features and head.output (URIs or local paths)")
-    out = storage.resolve(cfg.output, storage_cfg)
+def check(cfg: HeadConfig, storage_cfg: StorageConfig) -> FeatureSet:
+    """The finished features that `cfg.features` names, read into memory; writes nothing."""
+    require("train-head", "head", cfg, ("features", "output"))
+    return load_features(cfg.features, storage_cfg)
+
+
+def run(cfg: HeadConfig, storage_cfg: StorageConfig, data: FeatureSet | None = None) -> dict:
+    """Train a head on `cfg.features` (`data`: what `check` read, when the caller checked first), write
+    head.pt, head.json, metrics.json and plots to `cfg.output`; returns the metrics."""
     started = time.perf_counter()
-    data = load_features(cfg.features, storage_cfg)
-    loaded = time.perf_counter()
+    data = data or check(cfg, storage_cfg)
+    loaded = time.perf_counter()  # ~0 when the caller checked (and loaded) first
+    out = storage.resolve(cfg.output, storage_cfg)
     splits = choose_splits(data, cfg.val_fraction, cfg.seed)
     log.info(
         "train-head: %s head on %d-d %s features, %d classes; %s",

@@ -324,6 +324,7 @@ def plan_run(
     units: Sequence[Unit],
     known: Sequence[Unit],
     overwrite: bool = False,
+    overwrite_key: str = "overwrite",
 ) -> tuple[list[Unit], list[Unit]]:
     """(every unit the output will hold, the units still to write), for a run over `units`,
     selected from the source's `known` units.
@@ -332,9 +333,10 @@ def plan_run(
     units with the same content as the source has now (a re-prepared dataset has new shard
     checksums even where names and counts stay). Finished units of other splits that an earlier
     run of the same kind wrote are kept, so splits can be embedded one at a time. Another run's
-    output is refused, or with `overwrite` deleted first.
+    output is refused (the message names the config key `overwrite_key`), or with `overwrite`
+    deleted first.
     """
-    previous = _previous_units(out, name, identity, known, overwrite)
+    previous = _previous_units(out, name, identity, known, overwrite, overwrite_key)
     present = set(_part_files(out))
     recorded = [Unit(n, d["split"], int(d["count"]), (), digest=d.get("digest", "")) for n, d in previous.items()]
     # An interrupted run recorded units it never wrote: those are not held.
@@ -346,7 +348,7 @@ def plan_run(
 
 
 def _previous_units(
-    out: storage.Location, name: str, identity: dict, known: Sequence[Unit], overwrite: bool
+    out: storage.Location, name: str, identity: dict, known: Sequence[Unit], overwrite: bool, overwrite_key: str
 ) -> dict[str, dict]:
     """The units an earlier run of this same job recorded; {} when there is none (or it was deleted)."""
     loc = out.join(name)
@@ -374,7 +376,7 @@ def _previous_units(
     if not overwrite:
         raise ValueError(
             f"{out.uri} already holds the output of another run (it differs in {'; '.join(differs)}); "
-            "choose a new output, delete the old one, or set overwrite=true"
+            f"choose a new output, delete the old one, or set {overwrite_key}=true"
         )
     log.warning("%s holds the output of another run (it differs in %s): deleting it", out.uri, "; ".join(differs))
     for path in _part_files(out):

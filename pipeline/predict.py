@@ -10,19 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from pipeline import gallery, report, runreport, schema, storage
-from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig, WebDatasetConfig
-from pipeline.features import Embedder, model_actor_plan, origin_columns, stream_units
+from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig, WebDatasetConfig, require
+from pipeline.features import Embedder, Shipped, model_actor_plan, origin_columns, stream_units
 from pipeline.heads import create_head, load_head
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.parts import Batch, PartSink, plan_run, read_parts, verify_parts, write_errors, write_run_file
 from pipeline.preprocessing import Preprocessing
-from pipeline.sources import open_images
+from pipeline.sources import ImageSource, open_images
 
 log = logging.getLogger("imgpipe")
 
@@ -35,6 +36,7 @@ class Classifier(Embedder):
 
     def __init__(self, weights: ResolvedWeights, head: tuple[dict, dict] | None, top_k: int, **placement):
         super().__init__(weights, "float32", **placement)
+        head = head.get() if isinstance(head, Shipped) else head
         if head is not None:
             spec, state = head
             self.head = create_head(spec)
@@ -124,18 +126,40 @@ def resolve_model(
     return weights, None, list(weights.categories), f"{weights.backbone} ({weights.weights}) own classifier", ""
 
 
-def run(
+@dataclass(frozen=True)
+class Checked:
+    """What `check` found: the input, the output location, and the model (`resolve_model`'s tuple)."""
+
+    full: ImageSource
+    source: ImageSource
+    out: storage.Location
+    model: tuple
+
+
+def check(
     model_cfg: ModelConfig, cfg: ClassifyConfig, storage_cfg: StorageConfig, wds_cfg: WebDatasetConfig | None = None
+) -> Checked:
+    """Everything that can fail before work starts: the source is there and holds images, the
+    model resolves, the head is there and matches its backbone. Writes nothing and needs no Ray."""
+    require("classify", "classify", cfg, ("source", "output"))
+    model = resolve_model(model_cfg, cfg.head, storage_cfg)
+    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind, wds=wds_cfg)
+    return Checked(full, full.select(cfg.splits), storage.resolve(cfg.output, storage_cfg), model)
+
+
+def run(
+    model_cfg: ModelConfig,
+    cfg: ClassifyConfig,
+    storage_cfg: StorageConfig,
+    wds_cfg: WebDatasetConfig | None = None,
+    checked: Checked | None = None,
 ) -> dict:
     """Classify `cfg.source` into `cfg.output`, writing only missing parts; returns counts and,
-    when the input is labelled, accuracy. Ray must be connected."""
-    if not cfg.source or not cfg.output:
-        raise ValueError("classify needs classify.source and classify.output (URIs or local paths)")
+    when the input is labelled, accuracy. Ray must be connected. `checked`: what `check` returned."""
     started = time.perf_counter()
-    full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind, wds=wds_cfg)
-    source = full.select(cfg.splits)
-    out = storage.resolve(cfg.output, storage_cfg)
-    weights, head, classes, model_name, head_digest = resolve_model(model_cfg, cfg.head, storage_cfg)
+    checked = checked or check(model_cfg, cfg, storage_cfg, wds_cfg)
+    full, source, out = checked.full, checked.source, checked.out
+    weights, head, classes, model_name, head_digest = checked.model
     index = {name: i for i, name in enumerate(classes)}
     label_map = np.array([index.get(c, -1) for c in (source.classes or ())], dtype=np.int64)
     k = min(cfg.top_k, len(classes))
@@ -153,7 +177,7 @@ def run(
         "source": source.location.uri,
     }
     identity = {**metadata, **source.identity()}
-    every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite)
+    every, todo = plan_run(out, RUN_FILE, identity, source.units, full.units, cfg.overwrite, "classify.overwrite")
     log.info(
         "classify with %s: %s inputs in %d parts; %d parts to write",
         model_name,
@@ -165,7 +189,16 @@ def run(
         write_run_file(out, RUN_FILE, identity, None, every)
         sink = PartSink(out, todo, predictions_table(classes, label_map), metadata)
         stream_units(
-            source, todo, weights, Classifier, {"head": head, "top_k": k}, plan, cfg.batch_size, cfg.decode_batch, sink
+            source,
+            todo,
+            weights,
+            Classifier,
+            {"head": Shipped.put(head) if head else None, "top_k": k},
+            plan,
+            cfg.batch_size,
+            cfg.decode_batch,
+            sink,
+            "classify",
         )
     result = verify_parts(out, every)
     result["metrics"] = accuracy_summary(out, every, result["parts"], classes, k)

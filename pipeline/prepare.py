@@ -14,11 +14,11 @@ from collections import defaultdict
 
 import numpy as np
 import ray
-from tqdm import tqdm
 
 from pipeline import labelfile, schema, storage
-from pipeline.config import PrepareConfig, StorageConfig
+from pipeline.config import PrepareConfig, StorageConfig, require
 from pipeline.layouts import SPLIT_FREE, Discovery, RawInput, discover
+from pipeline.progress import StageProgress
 from pipeline.shards import ShardPlan, build_manifest, plan_shards, write_shard
 
 log = logging.getLogger("imgpipe")
@@ -131,7 +131,7 @@ def assign_splits(
 def write_all(
     plans: list[ShardPlan], src_fs, out: storage.Location, classes: list[str], max_pixels: int, images
 ) -> list[dict]:
-    """Write every shard as Ray Data work, one task per shard, with a progress bar of inputs."""
+    """Write every shard as Ray Data work, one task per shard, logging progress in inputs."""
     images_ref = ray.put(images) if images is not None else None
     rows = [{"plan": pickle.dumps(p)} for p in plans]
 
@@ -142,11 +142,11 @@ def write_all(
 
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map(write)
     results = []
-    with tqdm(total=sum(len(p.inputs) for p in plans), desc="prepare", unit="img") as bar:
-        for row in ds.iter_rows():
-            result = json.loads(row["result"])
-            results.append(result)
-            bar.update(result["samples"] + len(result["rejects"]))
+    progress = StageProgress("prepare", sum(len(p.inputs) for p in plans))
+    for row in ds.iter_rows():
+        result = json.loads(row["result"])
+        results.append(result)
+        progress.update(result["samples"] + len(result["rejects"]))
     return results
 
 
@@ -180,3 +180,10 @@ def _remove_stale_shards(out: storage.Location, manifest: dict) -> None:
         if schema.SHARD_FILE.fullmatch(name) and name not in keep:
             out.fs.delete_file(info.path)
             log.info("prepare: removed %s left by an earlier run", out.uri_of(info.path))
+
+
+def check(cfg: PrepareConfig, storage_cfg: StorageConfig) -> None:
+    """What can fail before work starts: source and output given, the source there and not empty.
+    Writes nothing and needs no Ray (the layout is read by `run`)."""
+    require("prepare", "prepare", cfg, ("source", "output"))
+    storage.list_files(storage.resolve(cfg.source, storage_cfg))

@@ -127,12 +127,17 @@ def exists(loc: Location) -> bool:
 
 
 def check_writable(loc: Location) -> None:
-    """Fail early, before any work, when an output location cannot be written."""
+    """Fail early, before any work, when an output location cannot be written; creates nothing."""
     if is_local(loc):
-        try:
-            loc.fs.create_dir(loc.path, recursive=True)
-        except OSError as exc:
-            raise explain(exc, loc.uri) from None
+        there = Path(loc.path)
+        while not there.exists() and there != there.parent:  # the folder the output would be made in
+            there = there.parent
+        if not there.is_dir():
+            raise StorageError(f"{loc.uri}: cannot be written: {there} is a file, not a folder")
+        if not os.access(there, os.W_OK | os.X_OK):
+            raise StorageError(
+                f"{loc.uri}: cannot be written: this user may not write in {there}; choose another output"
+            )
         return
     bucket = loc.path.split("/", 1)[0]
     info = retrying(loc, lambda: loc.fs.get_file_info(bucket))

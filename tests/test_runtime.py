@@ -33,7 +33,7 @@ def test_embedded_by_default(tmp_path):
     write_imagefolder(tmp_path / "raw", {"a": 3, "b": 3})
     proc = run_prepare(tmp_path / "raw", tmp_path / "out", "--set", "ray.num_cpus=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "started an embedded local Ray (2 logical CPUs)" in proc.stderr
+    assert "started an embedded local Ray: 2 logical CPUs on " in proc.stderr
     assert "inputs 6 = samples 6 + rejected 0" in proc.stdout
 
 
@@ -71,13 +71,17 @@ def test_missing_output_and_bad_bucket_are_one_line(tmp_path, s3_endpoint):
     )
     assert (
         proc.returncode != 0
-        and proc.stderr.strip() == "imgpipe: no output given; set prepare.output (a local path or s3:// / gs:// URI)"
+        and proc.stderr.strip()
+        == "imgpipe prepare: prepare needs prepare.source and prepare.output (URIs or local paths); "
+        "set them with --set or -c"
     )
-    proc = run_prepare(tmp_path, "s3://no-such-bucket-zz/out", env=_env())
+    write_imagefolder(tmp_path / "raw", {"a": 1})
+    proc = run_prepare(tmp_path / "raw", "s3://no-such-bucket-zz/out", env=_env())
     assert proc.returncode != 0
     assert (
         proc.stderr.strip().splitlines()[-1]
-        == "imgpipe: s3://no-such-bucket-zz/out: bucket 'no-such-bucket-zz' does not exist; create it or fix the URI"
+        == "imgpipe prepare: s3://no-such-bucket-zz/out: bucket 'no-such-bucket-zz' does not exist; "
+        "create it or fix the URI"
     )
 
 
