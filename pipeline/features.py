@@ -206,7 +206,8 @@ def stream_units(
     # GPU actors that cannot be placed (a node with too few CPUs for them, GPUs that never come)
     # end the job after a bound instead of leaving it pending for ever.
     ds.context.wait_for_min_actors_s = int(plan.start_wait_s) if plan.start_wait_s > 0 else -1
-    progress = StageProgress(stage, sum(u.count for u in units))
+    counted = all(u.count >= 0 for u in units)  # foreign shards are counted as they are read
+    progress = StageProgress(stage, sum(u.count for u in units) if counted else -1)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         sink.add(batch)
         progress.update(len(batch[schema.KEY]))

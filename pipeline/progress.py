@@ -27,7 +27,10 @@ class StageProgress:
     def update(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if self.enabled and now - self.last >= EVERY_S:
+        if self.enabled and now - self.last >= EVERY_S and self.total < 0:  # not counted yet: foreign shards
+            self.last = now
+            log.info("%s: %d %s, %.1f/s", self.stage, self.done, self.unit, self.done / (now - self.started))
+        elif self.enabled and now - self.last >= EVERY_S:
             self.last = now
             log.info(
                 "%s: %d of %d %s (%.0f%%), %.1f/s",
