@@ -235,6 +235,13 @@ def train_head(splits: dict, num_classes: int, cfg: HeadConfig, progress: Callab
                 best["epoch"],
             )
             break
+    if best["epoch"] == len(history) == cfg.epochs:
+        log.warning(
+            "train-head: the head was still improving at its last epoch (%d of head.epochs=%d); raise "
+            "head.epochs (early stopping ends it once validation loss stops improving)",
+            best["epoch"],
+            cfg.epochs,
+        )
     head.load_state_dict(best_state)
     return head.eval(), spec, history, best
 

@@ -190,6 +190,19 @@ def test_a_split_is_never_both_trained_on_and_validated_on():
     assert len(chosen["test"][1]) == 6
 
 
+def test_a_head_still_improving_at_its_epoch_limit_says_to_raise_it(caplog):
+    x, y = _blobs(30)
+    with caplog.at_level("WARNING", logger="imgpipe"):
+        heads.train_head({"train": (x, y), "val": _blobs(10, seed=1)}, 3, HeadConfig(epochs=1, lr=1e-2))
+    assert "still improving at its last epoch (1 of head.epochs=1); raise head.epochs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="imgpipe"):
+        xv, yv = _blobs(10, seed=1)
+        misfit = {"train": (x, y), "val": (xv, (yv + 1) % 3)}  # validation that only gets worse
+        history = heads.train_head(misfit, 3, HeadConfig(epochs=60, lr=1e-1, patience=3))[2]
+    assert len(history) < 60 and "still improving" not in caplog.text  # stopped early: nothing to say
+
+
 def test_epoch_rows_name_their_top_k_and_leave_out_a_trivial_one():
     x, y = _blobs(30)
     _, _, history, _ = heads.train_head({"train": (x, y), "val": _blobs(10, seed=1)}, 3, HeadConfig(epochs=3, lr=1e-2))
