@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,6 +35,13 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    try:
+        measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # ~350 MB of images and shards at the defaults
+
+
+def measure(args, work: Path) -> None:
     endpoint = start_s3()
     t0 = time.perf_counter()
     raw = make_dataset(work / "raw", args.images, args.bad, args.classes)

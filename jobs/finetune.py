@@ -5,7 +5,7 @@ land in finetune.output. Rerunning the same config resumes it."""
 from __future__ import annotations
 
 from jobs.common import parse_config, run_job, start
-from pipeline import finetune
+from pipeline import finetune, report
 
 SECTIONS = ("finetune", "model", "augment", "loader", "storage", "ray")
 
@@ -22,9 +22,7 @@ def main(argv: list[str] | None = None) -> dict:
     for split in ("val", "test"):
         if result.get(split):
             m = result[split]
-            print(
-                f"{split:>5}: top-1 {m['top1']:.2%}  top-5 {m.get('top5', float('nan')):.2%}  ({m['samples']} images)"
-            )
+            print(f"{split:>5}: {report.accuracy_text(m)}  ({m['samples']} images)")
     out = result["output"]
     print(f"model: {result['model']} (classify with --set model.weights={result['model']})")
     print(f"wrote {out}/metrics.json; plots {out}/curves.png, {out}/confusion.png")

@@ -206,19 +206,20 @@ def train_head(splits: dict, num_classes: int, cfg: HeadConfig, progress: Callab
     # same function, a quarter less time per step than standardising every batch.
     xt, yt = torch.from_numpy(standardized(x_train, mean, std)), torch.from_numpy(y_train)
     history, best, best_state, waited = [], None, None, 0
+    k = report.meaningful_k(num_classes)  # top-5, or none when 5 covers every class
     for epoch in range(1, cfg.epochs + 1):
-        train_loss, train_top1, train_top5 = train_epoch(
-            head[1:], xt, yt, loss_fn, optimizer, cfg.batch_size, generator
+        train_loss, train_top1, train_topk = train_epoch(
+            head[1:], xt, yt, loss_fn, optimizer, cfg.batch_size, generator, k or 1
         )
         val_loss, val_topk = evaluate(head, *splits["val"], loss_fn)
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
             "train_top1": train_top1,
-            "train_top5": train_top5,
+            **({f"train_top{k}": train_topk} if k else {}),
             "val_loss": val_loss,
             "val_top1": report.topk_accuracy(splits["val"][1], val_topk, 1),
-            "val_top5": report.topk_accuracy(splits["val"][1], val_topk, 5),
+            **({f"val_top{k}": report.topk_accuracy(splits["val"][1], val_topk, k)} if k else {}),
         }
         history.append(row)
         if best is None or val_loss < best["val_loss"]:
@@ -234,14 +235,21 @@ def train_head(splits: dict, num_classes: int, cfg: HeadConfig, progress: Callab
                 best["epoch"],
             )
             break
+    if best["epoch"] == len(history) == cfg.epochs:
+        log.warning(
+            "train-head: the head was still improving at its last epoch (%d of head.epochs=%d); raise "
+            "head.epochs (early stopping ends it once validation loss stops improving)",
+            best["epoch"],
+            cfg.epochs,
+        )
     head.load_state_dict(best_state)
     return head.eval(), spec, history, best
 
 
 def train_epoch(
-    head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, optimizer, batch_size: int, generator
+    head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, optimizer, batch_size: int, generator, k: int = 5
 ) -> tuple[float, float, float]:
-    """One pass over shuffled minibatches; returns the mean loss, top-1 and top-5 (dropout on)."""
+    """One pass over shuffled minibatches; returns the mean loss, top-1 and top-k (dropout on)."""
     head.train()
     order = torch.randperm(len(y), generator=generator)
     total, correct, correct5 = 0.0, 0, 0
@@ -254,7 +262,7 @@ def train_epoch(
         loss.backward()
         optimizer.step()
         total += loss.item() * len(idx)
-        top = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices
+        top = logits.detach().topk(min(k, logits.shape[1]), dim=1).indices
         correct += int((top[:, 0] == yb).sum())
         correct5 += int((top == yb[:, None]).any(dim=1).sum())
     return total / len(y), correct / len(y), correct5 / len(y)
@@ -449,14 +457,18 @@ def top_probabilities(head: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.nd
 def _log_epoch(row: dict, every: int = 1) -> None:
     if row["epoch"] % every and row["epoch"] != 1:
         return
+    topk = {key.split("_top", 1)[1] for key in row if key.startswith("val_top") and key != "val_top1"}
+
+    def rates(split: str) -> str:
+        return f"top1 {row[f'{split}_top1']:.3f}" + "".join(f" top{k} {row[f'{split}_top{k}']:.3f}" for k in topk)
+
+    best = "  *best" if row["best"] else ""
     log.info(
-        "epoch %3d  train loss %.4f top1 %.3f top5 %.3f | val loss %.4f top1 %.3f top5 %.3f%s",
+        "epoch %3d  train loss %.4f %s | val loss %.4f %s%s",
         row["epoch"],
         row["train_loss"],
-        row["train_top1"],
-        row["train_top5"],
+        rates("train"),
         row["val_loss"],
-        row["val_top1"],
-        row["val_top5"],
-        "  *best" if row["best"] else "",
+        rates("val"),
+        best,
     )

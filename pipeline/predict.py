@@ -248,7 +248,7 @@ def accuracy_summary(out: storage.Location, units, parts: list[str], classes: li
         rows[split] = (labels, topk)
     rows["all"] = tuple(np.concatenate(arrays) for arrays in zip(*rows.values()))
     summary = {
-        s: report.classification_metrics(labels, topk, classes, k)
+        s: report.classification_metrics(labels, topk, classes, report.meaningful_k(len(classes), k) or 1)
         for s, (labels, topk) in rows.items()
         if (labels >= 0).any()
     }

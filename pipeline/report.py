@@ -7,11 +7,18 @@ bytes, and written through `storage`, so they land on local disk or object stora
 from __future__ import annotations
 
 import io
+import re
 from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+
+def meaningful_k(num_classes: int, k: int = 5) -> int | None:
+    """`k` when top-k says something for `num_classes` classes, None when k covers them all
+    (top-5 of 3 classes is 100% by construction, so it is left out, not reported)."""
+    return k if k < num_classes else None
 
 
 def topk_accuracy(labels: np.ndarray, topk: np.ndarray, k: int) -> float:
@@ -69,11 +76,9 @@ def plot_history(history: list[dict]) -> bytes:
     loss_ax, acc_ax = fig.subplots(1, 2)
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         loss_ax.plot(epochs, [h[key] for h in history], label=label)
-    for key, label in (
-        ("train_top1", "train top-1"),
-        ("val_top1", "validation top-1"),
-        ("val_top5", "validation top-5"),
-    ):
+    curves = [("train_top1", "train top-1"), ("val_top1", "validation top-1")]
+    curves += [(key, f"validation top-{key[7:]}") for key in history[0] if re.fullmatch(r"val_top([2-9]|\d\d+)", key)]
+    for key, label in curves:
         acc_ax.plot(epochs, [h[key] for h in history], label=label)
     best = min(history, key=lambda h: h["val_loss"])["epoch"]
     for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):

@@ -66,6 +66,7 @@ class FinetuneRunner:
 
     def __init__(self, spec: LoopSpec, rank: int = 0, world: int = 1):
         self.spec, self.cfg = spec, spec.cfg
+        self.topk = report.meaningful_k(len(spec.classes), TOPK)  # None: top-5 would cover every class
         self.rank, self.world = rank, world
         self.device = devices.worker_device(self.cfg.use_gpu, devices.assigned_gpus())
         if self.device.type == "cuda":
@@ -148,7 +149,7 @@ class FinetuneRunner:
             float(_all_reduce(torch.tensor([waited / max(elapsed, 1e-9)], dtype=torch.float64, device=self.device))[0])
             / self.world
         )
-        return {**_rates(sums, "train"), "images_per_s": images / max(elapsed, 1e-9), "data_wait": share}
+        return {**_rates(sums, "train", self.topk), "images_per_s": images / max(elapsed, 1e-9), "data_wait": share}
 
     def train_step(self, batch: dict, epoch: int, index: int) -> torch.Tensor:
         """Forward, backward (DDP all-reduces on the accumulation window's last batch), and an
@@ -196,8 +197,8 @@ class FinetuneRunner:
         )
         all_labels, all_topk = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return {
-            **_rates(sums, "val"),
-            "metrics": report.classification_metrics(all_labels, all_topk, self.spec.classes, TOPK),
+            **_rates(sums, "val", self.topk),
+            "metrics": report.classification_metrics(all_labels, all_topk, self.spec.classes, self.topk or 1),
         }
 
     def end_epoch(self, epoch: int, train: dict, val: dict) -> None:
@@ -307,10 +308,12 @@ def _hits(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Te
     return torch.stack([loss.double() * n, hit1.double(), hit5.double(), n.double()])
 
 
-def _rates(sums: torch.Tensor, prefix: str) -> dict:
-    loss, hit1, hit5, n = sums.tolist()
+def _rates(sums: torch.Tensor, prefix: str, k: int | None) -> dict:
+    """Loss, top-1 and (when `k`: it says something for these classes) top-k rates."""
+    loss, hit1, hitk, n = sums.tolist()
     n = max(n, 1.0)
-    return {f"{prefix}_loss": loss / n, f"{prefix}_top1": hit1 / n, f"{prefix}_top5": hit5 / n}
+    rates = {f"{prefix}_loss": loss / n, f"{prefix}_top1": hit1 / n}
+    return {**rates, f"{prefix}_top{k}": hitk / n} if k else rates
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_linear_head_learns_separable_data():
     head, spec, history, best = heads.train_head({"train": (x, y), "val": _blobs(20, seed=1)}, 3, cfg, seen.append)
     assert spec == {"kind": "linear", "in_dim": 24, "num_classes": 3, "hidden": 256, "dropout": 0.5}
     assert history[-1]["train_loss"] < history[0]["train_loss"] / 5 and len(seen) == 30  # reported every epoch
-    assert best["val_top1"] == 1.0 and best["val_top5"] == 1.0
+    assert best["val_top1"] == 1.0 and "val_top5" not in best  # 3 classes: top-5 would be 100% by construction
     assert torch.allclose(head[0].std[-1], torch.tensor(float(np.median(x.std(0)))))  # the dead dim is floored
     _, topk = heads.evaluate(head, *_blobs(30, seed=2))
     assert (topk[:, 0] == np.repeat(np.arange(3), 30)).mean() == 1.0
@@ -161,8 +161,8 @@ def test_train_head_job_on_s3_writes_head_metrics_and_plots(s3, bucket):
         "train_loss",
         "val_loss",
         "val_top1",
-        "val_top5",
     } <= set(saved["history"][0])
+    assert not any("top5" in key or "top3" in key for key in saved["history"][0])  # 3 classes: no trivial top-k
 
     head, loaded = heads.load_head(f"s3://{bucket}/head")
     _, topk = heads.evaluate(head, *_blobs(10, seed=9))
@@ -190,10 +190,28 @@ def test_a_split_is_never_both_trained_on_and_validated_on():
     assert len(chosen["test"][1]) == 6
 
 
-def test_epoch_rows_report_train_top5_and_summaries_handle_top1_only():
+def test_a_head_still_improving_at_its_epoch_limit_says_to_raise_it(caplog):
+    x, y = _blobs(30)
+    with caplog.at_level("WARNING", logger="imgpipe"):
+        heads.train_head({"train": (x, y), "val": _blobs(10, seed=1)}, 3, HeadConfig(epochs=1, lr=1e-2))
+    assert "still improving at its last epoch (1 of head.epochs=1); raise head.epochs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="imgpipe"):
+        xv, yv = _blobs(10, seed=1)
+        misfit = {"train": (x, y), "val": (xv, (yv + 1) % 3)}  # validation that only gets worse
+        history = heads.train_head(misfit, 3, HeadConfig(epochs=60, lr=1e-1, patience=3))[2]
+    assert len(history) < 60 and "still improving" not in caplog.text  # stopped early: nothing to say
+
+
+def test_epoch_rows_name_their_top_k_and_leave_out_a_trivial_one():
     x, y = _blobs(30)
     _, _, history, _ = heads.train_head({"train": (x, y), "val": _blobs(10, seed=1)}, 3, HeadConfig(epochs=3, lr=1e-2))
-    assert all(h["train_top5"] == 1.0 and 0 < h["train_top1"] <= 1 for h in history)  # 3 classes: top-5 holds them all
+    assert all(0 < h["train_top1"] <= 1 and not any("top5" in k for k in h) for h in history)  # 3 classes
+    rng = np.random.default_rng(3)
+    x7, y7 = rng.normal(size=(70, 8)).astype(np.float32), np.repeat(np.arange(7), 10)
+    split = {"train": (x7, y7), "val": (x7[:35], y7[:35])}
+    _, _, history7, _ = heads.train_head(split, 7, HeadConfig(epochs=2, lr=1e-2))
+    assert all(h["val_top1"] <= h["val_top5"] <= 1 and h["train_top1"] <= h["train_top5"] for h in history7)
     top1_only = report.classification_metrics(np.array([0, 1, 2, 2]), np.array([[0], [1], [1], [2]]), CLASSES, k=1)
     assert set(k for k in top1_only if k.startswith("top")) == {"top1"}
     assert report.accuracy_text(top1_only) == "top-1 75.00%"

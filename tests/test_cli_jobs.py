@@ -1,0 +1,78 @@
+"""features -> train-head -> classify as a user runs them: each job a subprocess of `imgpipe`, on an
+ImageFolder, with the printed summaries, exit codes and the config.yaml beside each output checked;
+then classify over a folder whose classes differ from the head's (reordered, one missing, one the
+head never saw), its resume, a changed run refused and then replaced with overwrite, and a missing
+source failing in one line."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from images import write_imagefolder
+from processes import ray_env
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.timeout(600)
+
+
+def imgpipe(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "jobs.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ray_env(), timeout=300)
+
+
+def ok(proc: subprocess.CompletedProcess) -> list[str]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.splitlines()
+
+
+def test_features_train_head_classify_through_the_cli(tmp_path):
+    write_imagefolder(tmp_path / "train", {"a": 12, "b": 12, "c": 12})
+    feats, head, preds = tmp_path / "feats", tmp_path / "head", tmp_path / "preds"
+
+    lines = ok(
+        imgpipe("features", "--set", f"features.source={tmp_path / 'train'}", "--set", f"features.output={feats}")
+    )
+    assert "inputs 36 = embedded 36 + rejected 0; 1 part written this run" in lines
+    saved = yaml.safe_load((feats / "config.yaml").read_text())
+    assert saved["features"]["source"] == str(tmp_path / "train") and saved["model"]["engine"] == "auto"
+
+    lines = ok(imgpipe("train-head", "--set", f"head.features={feats}", "--set", f"head.output={head}"))
+    assert lines[0].startswith("linear head: best epoch ") and any(line.startswith("  val: top-1 ") for line in lines)
+    assert yaml.safe_load((head / "config.yaml").read_text())["head"]["features"] == str(feats)
+
+    # The input's classes against the head's [a, b, c]: c and b (reordered), no a, and d, unknown to it.
+    new = tmp_path / "new"
+    for name, source, count in (("c", "c", 3), ("b", "b", 3), ("d", "a", 2)):
+        (new / name).mkdir(parents=True)
+        for path in sorted((tmp_path / "train" / source).glob("*.jpg"))[:count]:
+            shutil.copy(path, new / name / path.name)
+    args = ["--set", f"classify.source={new}", "--set", f"classify.output={preds}", "--set", f"classify.head={head}"]
+    lines = ok(imgpipe("classify", *args))
+    assert "inputs 8 = classified 8 + rejected 0; 1 part written this run" in lines
+    assert any(line.startswith("  all: top-1 100.00%  (6 labelled)") for line in lines), lines
+    rows = [r for p in sorted(preds.rglob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    by_folder = {r["key"].split("/")[0]: r for r in rows}
+    assert {r["key"].split("/")[0]: r["label"] for r in rows} == {"b": 1, "c": 2, "d": -1}  # the head's indices
+    assert by_folder["b"]["pred_class"] == "b" and by_folder["c"]["pred_class"] == "c"
+    assert by_folder["d"]["pred_class"] == "a"  # a's pictures, in a folder the head does not know
+    assert all(Path(r["source"]).is_file() and r["member"] == "" for r in rows)
+
+    again = ok(imgpipe("classify", *args))
+    assert "inputs 8 = classified 8 + rejected 0; nothing to write: every part was there" in again[1]
+    changed = imgpipe("classify", *args, "--set", "classify.top_k=2")
+    assert changed.returncode == 1 and "classify.overwrite=true" in changed.stderr.strip().splitlines()[-1]
+    replaced = ok(imgpipe("classify", *args, "--set", "classify.top_k=2", "--set", "classify.overwrite=true"))
+    assert "inputs 8 = classified 8 + rejected 0; 1 part written this run" in replaced
+    assert all(len(r["topk"]) == 2 for p in preds.rglob("part-*.parquet") for r in pq.read_table(p).to_pylist())
+
+    missing = imgpipe("classify", "-q", "--set", f"classify.source={tmp_path / 'nothing'}", *args[2:])
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [
+        f"imgpipe classify: {tmp_path / 'nothing'}: no such file or prefix; check the path"
+    ]
