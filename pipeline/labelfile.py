@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pipeline import schema, storage
 from pipeline.config import LabelFileConfig, StorageConfig
-from pipeline.layouts import Discovery, RawInput, is_image, unique_keys
+from pipeline.layouts import Discovery, RawInput, file_input, is_image, unique_keys
 
 FORMATS = {"csv": "csv", "tsv": "tsv", "tab": "tsv", "jsonl": "jsonl", "ndjson": "jsonl"}
 
@@ -167,7 +167,7 @@ def label_files(
         found = {row.label for row in named.values()}
         classes = sorted(found, key=lambda c: (0, int(c), c) if _is_int(c) else (1, 0, c))
     index = {c: i for i, c in enumerate(classes)}
-    inputs = [_file_input(loc, info, named.get(rel), index, label_uri) for rel, info in by_rel.items()]
+    inputs = [_labelled_input(loc, info, named.get(rel), index, label_uri) for rel, info in by_rel.items()]
     rejects = [
         RawInput(f"row-{row.line}", schema.UNLABELED, f"{label_uri}#line={row.line}", problem=f"line {row.line}: {why}")
         for row, why, _ in unusable
@@ -208,22 +208,15 @@ def _name_files(rows: list[LabelRow], by_rel: dict, root: str) -> tuple[dict[str
     return named, unusable
 
 
-def _file_input(loc: storage.Location, info, row: LabelRow | None, index: dict[str, int], label_uri: str) -> RawInput:
+def _labelled_input(
+    loc: storage.Location, info, row: LabelRow | None, index: dict[str, int], label_uri: str
+) -> RawInput:
     if row is None:
         label, problem = schema.UNLABELED, f"no row of {label_uri} names this file"
     else:
         label = index.get(row.label, schema.UNLABELED)
         problem = "" if label >= 0 else f"label {row.label!r} (line {row.line}) is not one of the classes"
-    rel = _rel(loc, info.path)
-    return RawInput(
-        schema.sample_key(rel),
-        label,
-        loc.uri_of(info.path),
-        path=info.path,
-        size=info.size,
-        mtime_ns=info.mtime_ns or 0,
-        problem=problem,
-    )
+    return file_input(loc, info, _rel(loc, info.path), label, problem)
 
 
 def _rel(loc: storage.Location, path: str) -> str:

@@ -137,7 +137,7 @@ def imagefolder(loc: storage.Location, files, classes: list[str] | None) -> Disc
     classes = _check_classes(loc, classes, found, "class folder")
     index = {c: i for i, c in enumerate(classes)}
     inputs = [
-        _file_input(
+        file_input(
             loc,
             f,
             r,
@@ -172,7 +172,7 @@ def _flat(loc: storage.Location, files, label_pattern: str, classes: list[str] |
             if not lab
             else f"label {lab!r} is not in prepare.classes"
         )
-        inputs.append(_file_input(loc, f, r, index.get(lab, -1) if lab else -1, problem))
+        inputs.append(file_input(loc, f, r, index.get(lab, -1) if lab else -1, problem))
     return Discovery("flat", classes, unique_keys(inputs))
 
 
@@ -243,7 +243,8 @@ def png_size_bound(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape)) + shape[0] + 128
 
 
-def _file_input(loc: storage.Location, info, rel: str, label: int, problem: str) -> RawInput:
+def file_input(loc: storage.Location, info, rel: str, label: int, problem: str) -> RawInput:
+    """A file as an input: its key from `rel`, `problem` kept only when it has no label."""
     return RawInput(
         schema.sample_key(rel),
         label,

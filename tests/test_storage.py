@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -91,19 +92,29 @@ def test_explicit_endpoint_and_region_from_config_win_over_the_environment(s3_en
     assert storage.resolve(f"s3://{bucket}/k", StorageConfig(endpoint_url=s3_endpoint)).fs.region == "us-east-1"
 
 
-def test_refused_credentials_are_named_not_printed(tmp_path):
-    """A second S3 server that checks credentials: a wrong key is refused, and the message
-    points at the AWS chain without echoing the secret."""
+@contextlib.contextmanager
+def checking_moto(unchecked_calls: int):
+    """A second moto S3 server, in its own process, that checks credentials (and IAM policies) after
+    its first `unchecked_calls` requests; yields its port."""
     port = free_port()
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(unchecked_calls)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port, "moto server")
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_refused_credentials_are_named_not_printed(tmp_path):
+    """A second S3 server that checks credentials: a wrong key is refused, and the message
+    points at the AWS chain without echoing the secret."""
+    with checking_moto(0) as port:
         script = (
             "import os\n"
             "os.environ.update(AWS_ACCESS_KEY_ID='AKIAWRONG', AWS_SECRET_ACCESS_KEY='s3cr3t-value')\n"
@@ -116,9 +127,6 @@ def test_refused_credentials_are_named_not_printed(tmp_path):
             "    print(exc)\n"
         )
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stdout
-    finally:
-        server.terminate()
-        server.wait(10)
     assert out.startswith("s3://some-bucket/raw: access refused; check the credentials of the standard AWS chain")
     assert "s3cr3t-value" not in out
 
@@ -372,18 +380,9 @@ def test_a_store_that_lists_but_refuses_reads_fails_the_job_in_one_line(tmp_path
 
     write_imagefolder(tmp_path / "raw", {"a": 6, "b": 6}, size=(16, 16))
     files = sorted(p for p in (tmp_path / "raw").rglob("*.jpg"))
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
     setup_calls = 1 + len(files) + 4  # bucket, objects, output bucket, user, policy, key: unauthenticated
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(setup_calls)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, "moto server")
+    with checking_moto(setup_calls) as port:
+        endpoint = f"http://127.0.0.1:{port}"
         admin = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="a")
         s3 = boto3.client("s3", **admin)
         s3.create_bucket(Bucket="locked")
@@ -416,9 +415,6 @@ def test_a_store_that_lists_but_refuses_reads_fails_the_job_in_one_line(tmp_path
         embed = [*cmd[:2], "jobs.features", "--set", "features.source=s3://locked/raw", "--set"]
         embed += [f"features.output={tmp_path / 'features'}", "--set", "storage.retry_seconds=0"]
         features = subprocess.run(embed, capture_output=True, text=True, timeout=240, env=job_env, cwd=ROOT)
-    finally:
-        server.terminate()
-        server.wait(10)
     for job, run in (("prepare", done), ("features", features)):
         assert run.returncode == 1, run.stderr[-3000:]
         assert re.fullmatch(
