@@ -22,10 +22,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         out = storage.resolve(cfg.inspect.output, cfg.storage)
         storage.check_writable(out)
-        storage.write_bytes(out.join("config.yaml"), dump_config(cfg).encode())
     except storage.StorageError as exc:
         sys.exit(f"imgpipe inspect: {exc}")
     result = run_job("inspect", inspection.run, cfg.model, cfg.inspect, cfg.storage)
+    # After the model resolved and the pictures were made: a failed run leaves no config.yaml behind.
+    storage.write_bytes(out.join("config.yaml"), dump_config(cfg).encode())
     for image in result["images"]:
         best = ", ".join(f"{c} {p:.1%}" for c, p in image["topk"][:3])
         print(f"{image['name']}: {best}" + (f" (true: {image['true']})" if image["true"] else ""))

@@ -114,6 +114,11 @@ def test_inspect_job_writes_pngs_and_an_index_that_links_only_to_them(tmp_path, 
     assert "wrote " + str(out / "index.html") in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"unknown stage 'layer9'.*known: stem, blocks.0"):
         inspect_job.main([*args, "--set", "inspect.layers=[layer9]"])
+    assert (out / "config.yaml").is_file()
+    elsewhere = tmp_path / "never"
+    with pytest.raises(SystemExit, match=r"unknown backbone 'resnet5'"):
+        inspect_job.main([*args[:2], "--set", f"inspect.output={elsewhere}", "--set", "model.backbone=resnet5"])
+    assert not elsewhere.exists()  # a failed inspect writes nothing
 
 
 def test_inspect_a_train_head_head_and_a_finetune_export(tmp_path):
