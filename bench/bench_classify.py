@@ -194,7 +194,7 @@ def report(cases, seconds: dict, tops: dict) -> None:
                 f"x{med['b'][0] / whole:4.2f} / x{med['b'][1] / pipe:4.2f}   top-1 agreement with (b) {agree}"
             )
         ratio = med["b"][0] / med["a"][0]
-        verdict = "met" if ratio >= TARGET else "MISSED"
+        verdict = ("met" if ratio >= TARGET else "MISSED") if n >= 2000 else "(the target is for >= 2,000 images)"
         print(f"  (a)/(b) whole-process x{ratio:.2f}: target >= {TARGET} at >= 2,000 images {verdict}")
 
 
