@@ -217,11 +217,16 @@ class FinetuneConfig(Section):
     scratch); augmentation from `augment`; the input pipeline (batch per worker) from `loader`.
     """
 
-    source: str = ""  # prepared shards (`imgpipe prepare`) with the train (and val) split
+    source: str = ""  # prepared shards (`imgpipe prepare`) with the train (and val) split, or WebDataset shards
     output: str = ""  # the run folder: checkpoints, metrics, plots, the exported model, config.yaml
     train_split: str = "train"
     val_split: str = "val"  # early stopping, best-checkpoint choice and curves
     test_split: Optional[str] = "test"  # scored once at the end with the best model; None or absent: skipped
+    # Val / test from elsewhere: prepared shards (their val_split / test_split) or WebDataset shards (whole).
+    # None: the source's own splits; WebDataset source without val_source: val_fraction of its shards held out.
+    val_source: Optional[str] = None
+    test_source: Optional[str] = None
+    val_fraction: float = Field(default=0.05, gt=0, lt=1)  # of the shards (whole shards, drawn from seed)
     mode: Literal["linear_probe", "partial", "full"] = "full"
     unfreeze_stages: int = Field(default=2, ge=1)  # partial: the last N stages of the trunk train
     head_epochs: int = Field(default=0, ge=0)  # two-phase: the first K epochs train only the new classifier

@@ -1,6 +1,7 @@
 """Fine-tune a backbone on Ray Train: check the run, start the trainer, export the best model.
 
-    prepared shards -> TrainInput (augmentation actors, equal per-worker batches)
+    prepared or WebDataset shards -> `trainsets`: train / val / test sources, the train shards counted
+      -> TrainInput (augmentation actors, equal per-worker batches)
       -> TorchTrainer(trainloop.train_loop_per_worker) x num_workers   checkpoints -> <output>/ray/
       -> best checkpoint -> model.pt + model.json (what `classify` and `features` load)
       -> test split through `classify` -> metrics.json, curves.png, confusion.png, run.json
@@ -11,7 +12,6 @@ last checkpoint (Ray Train finds it under the run's storage); a finished run is 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -24,17 +24,18 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchTrainer
 
-from pipeline import demo, gallery, loader, predict, report, runreport, runtime, storage, trainloop, transfer
+from pipeline import demo, gallery, loader, predict, report, runreport, runtime, storage, trainloop, trainsets, transfer
 from pipeline.config import ClassifyConfig, Config, FinetuneConfig, ModelConfig, require
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.preprocessing import Preprocessing
-from pipeline.sources import MANIFEST, ImageSource, open_images
+from pipeline.trainsets import TrainSets
 
 log = logging.getLogger("imgpipe")
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.pt"
 MODEL_FORMAT = "imgpipe.model/1"
+TEST_PREDICTIONS = "predictions-test"  # classify's output over the test source, in the run folder
 TRAIN_DIR = "ray"  # Ray Train's storage for this run: <output>/ray/train/checkpoint_*
 READ_HEADROOM_CPUS = 1.0  # CPUs the workers must leave to read tasks (docs/ARCHITECTURE.md, section 6)
 FAULT_ENV = "IMGPIPE_TEST_FAULT"  # tests only: epoch:batch:rank:marker-file
@@ -49,7 +50,7 @@ class TrainingFailed(ValueError):
 class Checked:
     """What `check` found: the input, the run folder, the run's identity and previous run file, the weights."""
 
-    source: ImageSource
+    sets: TrainSets
     out: storage.Location
     identity: dict
     previous: dict | None
@@ -63,8 +64,9 @@ def check(cfg: Config) -> Checked | None:
     if cfg.finetune.source == demo.DIGITS_SOURCE:
         return None
     ft = cfg.finetune
-    source, out = check_inputs(ft, cfg)
-    identity = run_identity(cfg, source)
+    require("finetune", "finetune", ft, ("source", "output"), "prepared or WebDataset shards and the run folder")
+    sets, out = trainsets.resolve(cfg), storage.resolve(ft.output, cfg.storage)
+    identity = run_identity(cfg, sets)
     previous = read_run_file(out)
     if previous and previous.get("identity") != identity and not ft.overwrite:
         raise ValueError(
@@ -74,7 +76,7 @@ def check(cfg: Config) -> Checked | None:
         )
     weights = resolve_weights(cfg.model.backbone, cfg.model.weights, cfg.storage)
     transfer.check_mode(weights.backbone, ft, weights.state_dict is not None)
-    return Checked(source, out, identity, previous, weights)
+    return Checked(sets, out, identity, previous, weights)
 
 
 def run(cfg: Config, checked: Checked | None = None) -> dict:
@@ -85,8 +87,8 @@ def run(cfg: Config, checked: Checked | None = None) -> dict:
         cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"source": demo.prepared_digits(cfg)})})
     checked = checked or check(cfg)
     ft = cfg.finetune
-    source, out, identity, previous, weights = (
-        checked.source,
+    sets, out, identity, previous, weights = (
+        checked.sets,
         checked.out,
         checked.identity,
         checked.previous,
@@ -106,31 +108,13 @@ def run(cfg: Config, checked: Checked | None = None) -> dict:
     prep = input_preprocessing(weights.preprocessing, ft.image_size)
     storage.write_bytes(out.join(RUN_FILE), json.dumps({"identity": identity, "complete": False}).encode())
     started = time.perf_counter()
-    result = fit(cfg, source, weights, prep, out)
-    summary = finish(cfg, source, weights, prep, out, result, time.perf_counter() - started)
+    sets = trainsets.count(sets, cfg, out)
+    result = fit(cfg, sets, weights, prep, out)
+    summary = finish(cfg, sets, weights, prep, out, result, time.perf_counter() - started)
     storage.write_bytes(
         out.join(RUN_FILE), json.dumps({"identity": identity, "complete": True, "summary": summary}, indent=1).encode()
     )
     return summary
-
-
-def check_inputs(ft: FinetuneConfig, cfg: Config) -> tuple[ImageSource, storage.Location]:
-    """The source has the train and val splits; the output is a location."""
-    require("finetune", "finetune", ft, ("source", "output"), "prepared shards and the run folder")
-    if not storage.exists(storage.resolve(ft.source, cfg.storage).join(MANIFEST)):
-        raise ValueError(
-            f"{ft.source}: no prepared shards here (no {MANIFEST}); run `imgpipe prepare` on the images first"
-        )
-    source = open_images(ft.source, cfg.storage, kind="shards")
-    missing = [s for s in (ft.train_split, ft.val_split) if s not in source.splits]
-    if missing:
-        raise ValueError(
-            f"{ft.source} has no split {missing} (it has {source.splits}); prepare it with a val split "
-            "(prepare.split) or set finetune.train_split / finetune.val_split"
-        )
-    if not source.classes:
-        raise ValueError(f"{ft.source}: no classes.json classes; finetune needs labelled, prepared shards")
-    return source, storage.resolve(ft.output, cfg.storage)
 
 
 def check_resources(ft: FinetuneConfig) -> None:
@@ -160,7 +144,7 @@ def input_preprocessing(prep: Preprocessing, image_size: int | None) -> Preproce
     )
 
 
-def run_identity(cfg: Config, source: ImageSource) -> dict:
+def run_identity(cfg: Config, sets: TrainSets) -> dict:
     """What makes a run this run: the settings (but where and on how many workers it runs) and
     the input's content (its shards' checksums), so a re-prepared input never resumes an old run."""
     scaling = {"num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures", "overwrite"}
@@ -178,23 +162,16 @@ def run_identity(cfg: Config, source: ImageSource) -> dict:
         "model": cfg.model.model_dump(mode="json"),
         "augment": cfg.augment.model_dump(mode="json"),
         "loader": {k: v for k, v in cfg.loader.model_dump(mode="json").items() if k not in loader_placement},
-        "input": hashlib.sha256(json.dumps([u.describe() for u in source.units], sort_keys=True).encode()).hexdigest(),
+        "input": sets.identity(),
     }
 
 
-def fit(cfg: Config, source: ImageSource, weights: ResolvedWeights, prep: Preprocessing, out: storage.Location):
+def fit(cfg: Config, sets: TrainSets, weights: ResolvedWeights, prep: Preprocessing, out: storage.Location):
     """Run (or resume) Ray Train; returns its Result."""
     ft = cfg.finetune
     held = ft.num_workers * ft.cpus_per_worker  # loader.reserved_cpus keeps the reads' share
-    train_input = loader.TrainInput(
-        source.select([ft.train_split]),
-        prep,
-        cfg.augment,
-        cfg.loader,
-        val=source.select([ft.val_split]),
-        held_cpus=held,
-    )
-    samples = source.select([ft.train_split]).count
+    train_input = loader.TrainInput(sets.train, prep, cfg.augment, cfg.loader, val=sets.val, held_cpus=held)
+    samples = trainsets.usable(sets, out)
     steps = loader.batches_per_epoch(samples, ft.num_workers, cfg.loader.batch_size) // ft.accumulate
     if steps < 1:
         raise ValueError(
@@ -204,7 +181,7 @@ def fit(cfg: Config, source: ImageSource, weights: ResolvedWeights, prep: Prepro
         )
     spec = trainloop.LoopSpec(
         ray.put(weights),
-        list(source.classes),
+        list(sets.classes),
         prep,
         ft,
         cfg.loader,
@@ -219,7 +196,7 @@ def fit(cfg: Config, source: ImageSource, weights: ResolvedWeights, prep: Prepro
         weights.weights,
         ft.num_workers,
         "GPU" if ft.use_gpu else "CPU",
-        len(source.classes),
+        len(sets.classes),
         samples,
         steps,
         ft.mode,
@@ -255,7 +232,7 @@ def fit(cfg: Config, source: ImageSource, weights: ResolvedWeights, prep: Prepro
 
 def finish(
     cfg: Config,
-    source: ImageSource,
+    sets: TrainSets,
     weights: ResolvedWeights,
     prep: Preprocessing,
     out: storage.Location,
@@ -266,11 +243,8 @@ def finish(
     scoring_started = time.perf_counter()
     state = checkpoint_state(result.checkpoint)
     best_ckpt = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"])[0]
-    export_model(best_ckpt, weights, prep, list(source.classes), state, out)
-    ft = cfg.finetune
-    test = None
-    if ft.test_split and ft.test_split in source.splits:
-        test = score_split(cfg, out, ft.test_split)
+    export_model(best_ckpt, weights, prep, list(sets.classes), state, out)
+    test = score_test(cfg, sets, out) if sets.test is not None else None
     best = state["best"]
     metrics = {
         "best_epoch": best["epoch"],
@@ -287,11 +261,11 @@ def finish(
     storage.write_bytes(
         out.join("confusion.png"),
         report.plot_confusion(
-            metrics[shown]["confusion_matrix"], list(source.classes), f"confusion matrix ({shown}, best epoch)"
+            metrics[shown]["confusion_matrix"], list(sets.classes), f"confusion matrix ({shown}, best epoch)"
         ),
     )
     scoring = round(time.perf_counter() - scoring_started, 1)
-    write_report(cfg, source, out, metrics, {"training": round(seconds, 1), "export and test scoring": scoring})
+    write_report(cfg, sets, out, metrics, {"training": round(seconds, 1), "export and test scoring": scoring})
     return {
         "output": out.uri,
         "report": out.join(runreport.REPORT_FILE).uri,
@@ -305,14 +279,18 @@ def finish(
     }
 
 
-def write_report(cfg: Config, source: ImageSource, out: storage.Location, metrics: dict, timings: dict) -> None:
+def write_report(cfg: Config, sets: TrainSets, out: storage.Location, metrics: dict, timings: dict) -> None:
     """report.html: the input's counts and rejects, curves, val/test scores, confusion, per-class table,
     and the test split's error galleries (from predictions-test)."""
-    manifest = source.manifest
+    manifest = sets.train.manifest
     counts = {f"prepared {k}": manifest[k] for k in ("inputs", "samples", "rejected") if k in manifest}
-    counts.update({f"{s} samples": source.select([s]).count for s in source.splits})
-    errors = source.location.join("errors.jsonl")
-    text = storage.read_bytes(errors).decode() if storage.exists(errors) else ""
+    for role, source in (("train", sets.train), ("val", sets.val), ("test", sets.test)):
+        if source is not None:
+            counts[f"{role} samples" if source.counted else f"{role} shards"] = (
+                source.count if source.counted else len(source.units)
+            )
+    errors = sets.train.location.join("errors.jsonl")
+    text = storage.read_bytes(errors).decode() if manifest and storage.exists(errors) else ""
     tested = "test" in metrics
     rep = runreport.RunReport(
         f"finetune: {cfg.model.backbone} ({cfg.finetune.mode})",
@@ -322,9 +300,7 @@ def write_report(cfg: Config, source: ImageSource, out: storage.Location, metric
         rejects=[json.loads(line) for line in text.splitlines() if line.strip()],
         metrics={s: metrics[s] for s in ("val", "test") if s in metrics},
         history=metrics["history"],
-        galleries=gallery.prediction_galleries(out.join(f"predictions-{cfg.finetune.test_split}"), cfg.storage)
-        if tested
-        else [],
+        galleries=gallery.prediction_galleries(out.join(TEST_PREDICTIONS), cfg.storage) if tested else [],
         timings=timings,
     )
     runreport.write(out, rep)
@@ -361,22 +337,20 @@ def export_model(
     storage.write_bytes(out.join("model.json"), json.dumps(sidecar, indent=1).encode())
 
 
-def score_split(cfg: Config, out: storage.Location, split: str) -> dict:
-    """The exported model over one split of the source, through `classify` (the same path users
-    take); returns that split's metrics."""
+def score_test(cfg: Config, sets: TrainSets, out: storage.Location) -> dict:
+    """The exported model over the test source, through `classify` (the same path users take); returns its
+    metrics."""
+    ft = cfg.finetune
+    uri = ft.test_source or ft.source
+    split = ft.test_split if sets.test.kind == "shards" else None
     classify_cfg = ClassifyConfig(
-        source=cfg.finetune.source, output=out.join(f"predictions-{split}").uri, splits=[split], top_k=5, overwrite=True
+        source=uri, output=out.join(TEST_PREDICTIONS).uri, splits=[split] if split else None, top_k=5, overwrite=True
     )
     model_cfg = ModelConfig(backbone=cfg.model.backbone, weights=out.join(MODEL_FILE).uri)
-    result = predict.run(model_cfg, classify_cfg, cfg.storage)
+    result = predict.run(model_cfg, classify_cfg, cfg.storage, trainsets.wds_config(cfg, sets))
     if result["rejected"]:
-        log.warning(
-            "finetune: %d %s images rejected while scoring; see %s/errors.jsonl",
-            result["rejected"],
-            split,
-            classify_cfg.output,
-        )
-    return result["metrics"][split]
+        log.warning("finetune: %d test images rejected while scoring; see %s/errors.jsonl", result["rejected"], uri)
+    return result["metrics"][split] if split else result["metrics"]["all"]
 
 
 def read_run_file(out: storage.Location) -> dict | None:

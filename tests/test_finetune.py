@@ -166,7 +166,7 @@ def test_linear_probe_leaves_the_pretrained_trunk_bit_identical(colours, s3):
         ("finetune.use_gpu=true", "workers x 1.0 GPU, but the cluster has 0 GPUs"),
         ("finetune.num_workers=9", "9 workers x 0.5 CPU plus 1 for reading, but the cluster has 4 CPUs"),
         ("finetune.mode=partial", "set finetune.mode=full and finetune.head_epochs=0"),
-        ("finetune.source=/nonexistent/prepared", "no prepared shards here (no manifest.json); run `imgpipe prepare`"),
+        ("finetune.source=/nonexistent/prepared", "/nonexistent/prepared: no such file or prefix; check the path"),
     ],
 )
 def test_a_bad_config_fails_in_one_line_before_any_worker_starts(colours, s3, override, message, capsys):
