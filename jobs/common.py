@@ -15,12 +15,11 @@ from ray.exceptions import RayError, RayTaskError
 from jobs import console, helptext
 from pipeline import runtime, storage
 from pipeline.config import Config, ConfigError, dump_config, load_config
+from pipeline.errors import UserError, user_error_names
 
 log = logging.getLogger("imgpipe")
-USER_ERRORS = (ConfigError, storage.StorageError, ValueError, FileNotFoundError)
-_RAISED = re.compile(
-    r"^(?:[\w.]+\.)?(?:ConfigError|Storage(?:Error|Unavailable|Refused)|ValueError|FileNotFoundError): (.+)$", re.M
-)
+USER_ERRORS = (UserError, storage.StorageError)  # anything else is a bug: its traceback is kept
+_RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+): (.+)$", re.M)  # "module.Class: message" lines of a traceback's text
 
 
 def parse_config(job: str, description: str, argv: list[str] | None, sections: tuple[str, ...] = ()) -> Config:
@@ -111,5 +110,12 @@ def user_error(exc: BaseException) -> str | None:
     if isinstance(cause, USER_ERRORS) and not isinstance(cause, RayError):
         # Our messages are one line; Ray Data appends its retry advice to a UDF's exception on lines of its own.
         return str(cause).split("\nFailed to apply UDF transform")[0]
-    raised = _RAISED.findall(str(exc)) if isinstance(exc, RayError) else []
+    if not isinstance(exc, RayError):
+        return None
+    names = user_error_names() | {cls.__name__ for cls in _subclasses(storage.StorageError)}
+    raised = [message for name, message in _RAISED.findall(str(exc)) if name in names]
     return raised[-1] if raised else None
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls, *(c for sub in cls.__subclasses__() for c in _subclasses(sub))]

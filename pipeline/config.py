@@ -13,10 +13,12 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.errors import UserError
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, key or value that cannot be used; the message says which and why."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import UserError
+
 log = logging.getLogger("imgpipe")
 
 # The oldest NVIDIA driver each CUDA major version of the torch build runs on (NVIDIA's
@@ -22,7 +24,7 @@ MIN_DRIVER = {13: 580, 12: 525, 11: 450}
 NVIDIA_PROC = Path("/proc/driver/nvidia/version")
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError):
     """A worker that was given a GPU cannot use it; the message says why and what to do."""
 
 

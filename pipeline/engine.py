@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.errors import UserError
+
 log = logging.getLogger("imgpipe")
 
 ENGINES = ("auto", "eager", "onnxruntime")
@@ -40,13 +42,13 @@ def choose(requested: str, device: str, digest: str = "x") -> str:
     A backbone without a weights digest (random init) always runs eager: there is nothing stable
     to key a cached export by."""
     if requested not in ENGINES:
-        raise ValueError(f"model.engine must be one of {', '.join(ENGINES)}, got {requested!r}")
+        raise UserError(f"model.engine must be one of {', '.join(ENGINES)}, got {requested!r}")
     if device == "cuda":
         if requested == "onnxruntime":
-            raise ValueError("model.engine=onnxruntime runs on CPUs only; on GPUs use auto or eager")
+            raise UserError("model.engine=onnxruntime runs on CPUs only; on GPUs use auto or eager")
         return "eager"
     if requested == "onnxruntime" and not onnxruntime_installed():
-        raise ValueError(
+        raise UserError(
             "model.engine=onnxruntime needs the onnxruntime and onnx packages: pip install 'imgpipe[onnx]', "
             "or set model.engine=eager"
         )

@@ -26,6 +26,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import demo, gallery, loader, predict, report, runreport, runtime, storage, trainloop, trainsets, transfer
 from pipeline.config import ClassifyConfig, Config, FinetuneConfig, ModelConfig, require
+from pipeline.errors import UserError
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.preprocessing import Preprocessing
 from pipeline.trainsets import TrainSets
@@ -41,7 +42,7 @@ READ_HEADROOM_CPUS = 1.0  # CPUs the workers must leave to read tasks (docs/ARCH
 FAULT_ENV = "IMGPIPE_TEST_FAULT"  # tests only: epoch:batch:rank:marker-file
 
 
-class TrainingFailed(ValueError):
+class TrainingFailed(UserError):
     """The workers failed past `finetune.max_failures`; the message is the first failure's last line
     (a ValueError, so that jobs print it in one line)."""
 
@@ -69,7 +70,7 @@ def check(cfg: Config) -> Checked | None:
     identity = run_identity(cfg, sets)
     previous = read_run_file(out)
     if previous and previous.get("identity") != identity and not ft.overwrite:
-        raise ValueError(
+        raise UserError(
             f"{out.uri} holds a fine-tuning run of another config or input "
             f"({_first_difference(previous.get('identity', {}), identity)}); "
             "choose another finetune.output, or set finetune.overwrite=true to replace it"
@@ -122,13 +123,13 @@ def check_resources(ft: FinetuneConfig) -> None:
     one line now, not a placement group that waits for ever."""
     cpus, gpus = runtime.cluster_cpus(), runtime.cluster_gpus()
     if ft.use_gpu and ft.num_workers * ft.gpus_per_worker > gpus:
-        raise ValueError(
+        raise UserError(
             f"finetune asks for {ft.num_workers} workers x {ft.gpus_per_worker} GPU, but the cluster has {gpus} GPUs; "
             "lower finetune.num_workers or set finetune.use_gpu=false"
         )
     need = ft.num_workers * ft.cpus_per_worker + READ_HEADROOM_CPUS
     if need > cpus:
-        raise ValueError(
+        raise UserError(
             f"finetune asks for {ft.num_workers} workers x {ft.cpus_per_worker} CPU "
             f"plus {READ_HEADROOM_CPUS:g} for reading, "
             f"but the cluster has {cpus} CPUs; lower finetune.num_workers or finetune.cpus_per_worker"
@@ -174,7 +175,7 @@ def fit(cfg: Config, sets: TrainSets, weights: ResolvedWeights, prep: Preprocess
     samples = trainsets.usable(sets, out)
     steps = loader.batches_per_epoch(samples, ft.num_workers, cfg.loader.batch_size) // ft.accumulate
     if steps < 1:
-        raise ValueError(
+        raise UserError(
             f"{samples} train samples give no full optimizer step on {ft.num_workers} workers "
             f"x batch {cfg.loader.batch_size} "
             f"x accumulate {ft.accumulate}; lower loader.batch_size"

@@ -26,6 +26,7 @@ from torch import nn
 
 from pipeline import embedmap, gallery, report, runreport, schema, storage
 from pipeline.config import HeadConfig, StorageConfig, require
+from pipeline.errors import UserError
 from pipeline.features import RUN_FILE
 from pipeline.parts import ERRORS_FILE, read_parts
 
@@ -78,7 +79,7 @@ def create_head(spec: dict) -> nn.Sequential:
             nn.Dropout(float(spec["dropout"])),
             nn.Linear(hidden, classes),
         )
-    raise ValueError(f"unknown head kind {spec['kind']!r}; known: linear, mlp")
+    raise UserError(f"unknown head kind {spec['kind']!r}; known: linear, mlp")
 
 
 @dataclass
@@ -96,15 +97,15 @@ def load_features(uri: str, storage_cfg: StorageConfig | None = None) -> Feature
     loc = storage.resolve(uri, storage_cfg)
     run_file = loc.join(RUN_FILE)
     if not storage.exists(run_file):
-        raise ValueError(f"{uri}: no {RUN_FILE}; point head.features at the output of `imgpipe features`")
+        raise UserError(f"{uri}: no {RUN_FILE}; point head.features at the output of `imgpipe features`")
     run = json.loads(storage.read_bytes(run_file))
     if not run.get("complete"):
-        raise ValueError(
+        raise UserError(
             f"{uri}: these features are incomplete (an interrupted run); run `imgpipe features` again to finish them"
         )
     identity = run["identity"]
     if not json.loads(identity["classes"]):
-        raise ValueError(
+        raise UserError(
             f"{uri}: these features have no class names (unlabelled images, or WebDataset shards without "
             "webdataset.classes or a classes.json / classes.txt beside them); a head needs labelled features"
         )
@@ -126,7 +127,7 @@ def choose_splits(data: FeatureSet, val_fraction: float, seed: int) -> dict[str,
     labelled = {s: (data.x[s][data.y[s] >= 0], data.y[s][data.y[s] >= 0]) for s in data.x}
     train_name = "train" if "train" in labelled else next(iter(labelled), None)
     if train_name is None or not len(labelled[train_name][1]):
-        raise ValueError(
+        raise UserError(
             f"no labelled training rows in the features (splits: {sorted(data.x)}); train-head needs labels"
         )
     chosen = {"train": labelled[train_name]}
@@ -290,10 +291,10 @@ def load_head(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[nn.Se
     head.json with the sha256 of head.pt added."""
     loc = storage.resolve(uri, storage_cfg)
     if not storage.exists(loc.join("head.json")):
-        raise ValueError(f"{uri}: no head.json; point classify.head at the output of `imgpipe train-head`")
+        raise UserError(f"{uri}: no head.json; point classify.head at the output of `imgpipe train-head`")
     info = json.loads(storage.read_bytes(loc.join("head.json")))
     if info.get("format") != HEAD_FORMAT:
-        raise ValueError(f"{uri}/head.json: format {info.get('format')!r}, expected {HEAD_FORMAT}")
+        raise UserError(f"{uri}/head.json: format {info.get('format')!r}, expected {HEAD_FORMAT}")
     head = create_head(info["architecture"])
     data = storage.read_bytes(loc.join("head.pt"))
     head.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))

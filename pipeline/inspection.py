@@ -27,6 +27,7 @@ from torch import nn
 from pipeline import predict, storage
 from pipeline.augment import build_eval_transform
 from pipeline.config import IMAGE_EXTENSIONS, InspectConfig, ModelConfig, StorageConfig
+from pipeline.errors import UserError
 from pipeline.heads import create_head
 from pipeline.models import create_backbone
 from pipeline.preprocessing import Preprocessing
@@ -119,7 +120,7 @@ def check_stages(im: InspectModel, names: list[str]) -> None:
     """Unknown stage names fail, listing the valid ones."""
     unknown = [n for n in names if n not in im.stages]
     if unknown:
-        raise ValueError(f"unknown stage {unknown[0]!r} for {im.backbone}; known: {', '.join(im.stages)}")
+        raise UserError(f"unknown stage {unknown[0]!r} for {im.backbone}; known: {', '.join(im.stages)}")
 
 
 def run_image(net: nn.Module, x: torch.Tensor, cam_stage: str, top_k: int) -> dict:
@@ -211,13 +212,13 @@ def _shard_head(loc: storage.Location, unit, n: int, classes: list[str]) -> list
 def run(model_cfg: ModelConfig, cfg: InspectConfig, storage_cfg: StorageConfig) -> dict:
     """Filters, feature maps and Grad-CAM of the model on `cfg.images`, written to `cfg.output`."""
     if not cfg.images or not cfg.output:
-        raise ValueError("inspect needs inspect.images (files, a prefix or a prepared dataset) and inspect.output")
+        raise UserError("inspect needs inspect.images (files, a prefix or a prepared dataset) and inspect.output")
     im = load_model(model_cfg, cfg.head, storage_cfg)
     check_stages(im, cfg.layers)
     out = storage.resolve(cfg.output, storage_cfg)
     images = take_images(cfg.images, cfg.split, cfg.count, storage_cfg)
     if not images:
-        raise ValueError(f"no images found in {cfg.images}")
+        raise UserError(f"no images found in {cfg.images}")
     crops = [model_crop(im.prep, data) for _, data, _ in images]
     cam_stage = last_conv_stage(im, extractor(im, list(im.stages)), model_input(im.prep, crops[0]))
     layers = list(dict.fromkeys(cfg.layers or [next(iter(im.stages)), cam_stage]))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pipeline import schema, storage
 from pipeline.config import LabelFileConfig, StorageConfig
+from pipeline.errors import UserError
 from pipeline.layouts import Discovery, RawInput, file_input, is_image, unique_keys
 
 FORMATS = {"csv": "csv", "tsv": "tsv", "tab": "tsv", "jsonl": "jsonl", "ndjson": "jsonl"}
@@ -29,14 +30,14 @@ def discover(
 ) -> Discovery:
     """List the images under `loc` and label them from the rows of `cfg.file`."""
     if not cfg.file:
-        raise ValueError("the labels layout needs prepare.labels.file: a CSV, TSV or JSONL file of (image, label) rows")
+        raise UserError("the labels layout needs prepare.labels.file: a CSV, TSV or JSONL file of (image, label) rows")
     label_loc = storage.resolve(cfg.file, storage_cfg)
     rows = read_rows(storage.read_bytes(label_loc), cfg, label_loc.uri)
     files = storage.list_files(loc)
     images = [f for f in files if is_image(_rel(loc, f.path), extensions)]
     ignored = [loc.uri_of(f.path) for f in files if not is_image(_rel(loc, f.path), extensions)]
     if not images:
-        raise ValueError(f"{loc.uri}: no image files ({', '.join(extensions)}) under this prefix")
+        raise UserError(f"{loc.uri}: no image files ({', '.join(extensions)}) under this prefix")
     classes, inputs, counts = label_files(loc, images, rows, label_loc.uri, classes)
     return Discovery("labels", classes, inputs, ignored, counts=counts)
 
@@ -58,7 +59,7 @@ def read_rows(data: bytes, cfg: LabelFileConfig, uri: str) -> list[LabelRow]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{uri}: the label file is not UTF-8 text ({exc})") from None
+        raise UserError(f"{uri}: the label file is not UTF-8 text ({exc})") from None
     rows = _jsonl_rows(text, cfg, uri) if fmt == "jsonl" else _table_rows(text, cfg, uri, fmt)
     return [_apply_pattern(row, pattern, cfg.label_pattern) for row in rows]
 
@@ -69,7 +70,7 @@ def label_format(cfg: LabelFileConfig, uri: str) -> str:
         return cfg.format
     ext = uri.rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower()
     if ext not in FORMATS:
-        raise ValueError(f"{uri}: cannot tell the label file's format from its name; set prepare.labels.format")
+        raise UserError(f"{uri}: cannot tell the label file's format from its name; set prepare.labels.format")
     return FORMATS[ext]
 
 
@@ -77,11 +78,11 @@ def _table_rows(text: str, cfg: LabelFileConfig, uri: str, fmt: str) -> list[Lab
     by_name = isinstance(cfg.path_column, str) or isinstance(cfg.label_column, str)
     header = by_name if cfg.header is None else cfg.header
     if by_name and not header:
-        raise ValueError("prepare.labels: columns given by name need a header row; give 0-based positions instead")
+        raise UserError("prepare.labels: columns given by name need a header row; give 0-based positions instead")
     reader = csv.reader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
     lines = [(reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)]
     if header and not lines:
-        raise ValueError(f"{uri}: the label file is empty; a header row was expected")
+        raise UserError(f"{uri}: the label file is empty; a header row was expected")
     names = [c.strip() for c in lines.pop(0)[1]] if header else []
     path_at, label_at = (_column_index(col, names, uri) for col in (cfg.path_column, cfg.label_column))
     rows = []
@@ -97,13 +98,13 @@ def _column_index(column: int | str, names: list[str], uri: str) -> int:
     if isinstance(column, int):
         return column
     if column not in names:
-        raise ValueError(f"{uri}: no column {column!r} in the header; it has {names}")
+        raise UserError(f"{uri}: no column {column!r} in the header; it has {names}")
     return names.index(column)
 
 
 def _jsonl_rows(text: str, cfg: LabelFileConfig, uri: str) -> list[LabelRow]:
     if not (isinstance(cfg.path_column, str) and isinstance(cfg.label_column, str)):
-        raise ValueError("prepare.labels: a JSONL label file's columns are keys; set path_column and label_column")
+        raise UserError("prepare.labels: a JSONL label file's columns are keys; set path_column and label_column")
     rows = []
     for line, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
@@ -132,7 +133,7 @@ def _label_pattern(pattern: str | None) -> re.Pattern | None:
         return None
     compiled = re.compile(pattern)
     if "label" not in compiled.groupindex:
-        raise ValueError(f"prepare.labels.label_pattern '{pattern}' needs a named group (?P<label>...)")
+        raise UserError(f"prepare.labels.label_pattern '{pattern}' needs a named group (?P<label>...)")
     return compiled
 
 
@@ -239,12 +240,12 @@ def read_classes_file(loc: storage.Location) -> list[str]:
         parsed = json.loads(data)
         classes = parsed.get("classes") if isinstance(parsed, dict) else parsed
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-            raise ValueError(f"{loc.uri}: want {{'classes': [names]}} or a JSON list of names")
+            raise UserError(f"{loc.uri}: want {{'classes': [names]}} or a JSON list of names")
     else:
         classes = [line.split()[0] for line in data.splitlines() if line.strip()]
     duplicates = sorted(c for c, n in Counter(classes).items() if n > 1)
     if not classes or duplicates:
-        raise ValueError(f"{loc.uri}: " + (f"classes listed twice: {duplicates[:5]}" if classes else "no classes"))
+        raise UserError(f"{loc.uri}: " + (f"classes listed twice: {duplicates[:5]}" if classes else "no classes"))
     return classes
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from pipeline import schema, storage
+from pipeline.errors import UserError
 
 SPLIT_FREE = ""  # an input that the ratio split assigns
 CIFAR_META = "batches.meta"
@@ -66,7 +67,7 @@ def discover(
     images = [f for f in files if is_image(rel[f.path], extensions)]
     ignored = [loc.uri_of(f.path) for f in files if not is_image(rel[f.path], extensions)]
     if not images:
-        raise ValueError(f"{loc.uri}: no image files ({', '.join(extensions)}) under this prefix")
+        raise UserError(f"{loc.uri}: no image files ({', '.join(extensions)}) under this prefix")
     if layout == "imagefolder":
         found = imagefolder(loc, images, classes)
     else:
@@ -114,12 +115,12 @@ def detect_layout(loc: storage.Location, rel: list[str], extensions) -> str:
         return "mnist"
     depths = {r.count("/") for r in rel if is_image(r, extensions)}
     if not depths:
-        raise ValueError(f"{loc.uri}: no image files ({', '.join(extensions)}) under this prefix")
+        raise UserError(f"{loc.uri}: no image files ({', '.join(extensions)}) under this prefix")
     if depths == {1}:
         return "imagefolder"
     if depths == {0}:
         return "flat"
-    raise ValueError(
+    raise UserError(
         f"{loc.uri}: cannot tell the layout (image files at depths {sorted(depths)}); "
         "set prepare.layout to imagefolder (<root>/<class>/<file>), flat, cifar10 or mnist"
     )
@@ -130,7 +131,7 @@ def imagefolder(loc: storage.Location, files, classes: list[str] | None) -> Disc
     rels = [f.path[len(loc.path) :].lstrip("/") for f in files]
     deep = [r for r in rels if r.count("/") != 1]
     if deep:
-        raise ValueError(
+        raise UserError(
             f"{loc.uri}: imagefolder layout wants <class>/<file>, found {deep[0]!r}; fix the tree or set prepare.layout"
         )
     found = sorted({r.split("/", 1)[0] for r in rels})
@@ -152,13 +153,13 @@ def imagefolder(loc: storage.Location, files, classes: list[str] | None) -> Disc
 def _flat(loc: storage.Location, files, label_pattern: str, classes: list[str] | None) -> Discovery:
     pattern = re.compile(label_pattern)
     if "label" not in pattern.groupindex:
-        raise ValueError(f"prepare.label_pattern '{label_pattern}' needs a named group (?P<label>...)")
+        raise UserError(f"prepare.label_pattern '{label_pattern}' needs a named group (?P<label>...)")
     rels = [f.path[len(loc.path) :].lstrip("/") for f in files]
     labels = [_match_label(pattern, r) for r in rels]
     found = sorted({lab for lab in labels if lab})
     labelled = sum(1 for lab in labels if lab)
     if classes is None and labelled >= MIN_FILES_FOR_CLASS_CHECK and len(found) > labelled / 2:
-        raise ValueError(
+        raise UserError(
             f"{loc.uri}: prepare.label_pattern '{label_pattern}' gives {len(found)} classes for {labelled} files "
             f"(e.g. {found[:3]}): it captures more than the class. Set a pattern whose (?P<label>...) group holds "
             "the class alone, list prepare.classes, or use layout=imagefolder"
@@ -217,7 +218,7 @@ def _mnist(loc: storage.Location, files) -> Discovery:
         pixels = _read_idx(loc, img_file)
         labels = _read_idx(loc, lab_file)
         if len(pixels) != len(labels):
-            raise ValueError(f"{loc.uri_of(img_file.path)}: {len(pixels)} images but {len(labels)} labels")
+            raise UserError(f"{loc.uri_of(img_file.path)}: {len(pixels)} images but {len(labels)} labels")
         start = sum(len(a) for a in images)
         uri = loc.uri_of(img_file.path)
         for i, label in enumerate(labels):
@@ -233,7 +234,7 @@ def _mnist(loc: storage.Location, files) -> Discovery:
             )
         images.append(pixels)
     if not images:
-        raise ValueError(f"{loc.uri}: no MNIST pair train-images-idx3-ubyte / train-labels-idx1-ubyte found")
+        raise UserError(f"{loc.uri}: no MNIST pair train-images-idx3-ubyte / train-labels-idx1-ubyte found")
     return Discovery("mnist", [str(d) for d in range(10)], inputs, images=np.concatenate(images))
 
 
@@ -261,7 +262,7 @@ def _check_classes(loc: storage.Location, wanted: list[str] | None, found: list[
         return found
     missing = [c for c in wanted if c not in found]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{loc.uri}: no {what} for class(es) {missing} listed in prepare.classes; found {found}. "
             "Add the images or drop the class from prepare.classes"
         )
@@ -289,12 +290,12 @@ def _read_idx(loc: storage.Location, info) -> np.ndarray:
     if info.path.endswith(".gz"):
         data = gzip.decompress(data)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{loc.uri_of(info.path)}: not an unsigned-byte idx file (bad magic number)")
+        raise UserError(f"{loc.uri_of(info.path)}: not an unsigned-byte idx file (bad magic number)")
     ndim = data[3]
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if values.size != int(np.prod(dims)):
-        raise ValueError(f"{loc.uri_of(info.path)}: idx header promises {dims}, file holds {values.size} values")
+        raise UserError(f"{loc.uri_of(info.path)}: idx header promises {dims}, file holds {values.size} values")
     return values.reshape(dims)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.config import StorageConfig
+from pipeline.errors import UserError
 from pipeline.preprocessing import Preprocessing
 
 log = logging.getLogger("imgpipe")
@@ -56,7 +57,7 @@ LITE0_PREPROCESSING = Preprocessing(
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
 
 
-class WeightsUnavailable(ValueError):
+class WeightsUnavailable(UserError):
     """Weights that cannot be had; the message says how to provide them."""
 
 
@@ -140,7 +141,7 @@ def check_weights(name: str, weights: str = "DEFAULT") -> None:
         return
     if name == SIMPLE_CNN:
         if text.upper() != "DEFAULT":
-            raise ValueError(f"unknown weights {text!r} for {SIMPLE_CNN}; it trains from scratch: DEFAULT or none")
+            raise UserError(f"unknown weights {text!r} for {SIMPLE_CNN}; it trains from scratch: DEFAULT or none")
     elif name == LITE0:
         _lite0_member(text)
     else:
@@ -220,7 +221,7 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], origin: str)
     )
     if not shapes_match:
         missing, unexpected = sorted(set(own) - set(state))[:3], sorted(set(state) - set(own))[:3]
-        raise ValueError(
+        raise UserError(
             f"weights {origin} do not fit this architecture: neither the names (missing {missing}, "
             f"unexpected {unexpected}) nor the shapes in order ({len(theirs)} vs {len(mine)} tensors) match"
         )
@@ -230,7 +231,7 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], origin: str)
 
 def _check_name(name: str) -> None:
     if name not in known_backbones():
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(known_backbones())}")
+        raise UserError(f"unknown backbone {name!r}; known: {', '.join(known_backbones())}")
 
 
 def _architecture(name: str) -> nn.Module:
@@ -265,7 +266,7 @@ def _torchvision_member(name: str, text: str):
     enum = get_model_weights(name)
     member = text.rsplit(".", 1)[-1] if text.startswith(enum.__name__ + ".") else text
     if member not in enum.__members__:
-        raise ValueError(
+        raise UserError(
             f"unknown weights {text!r} for {name}; known: {', '.join(enum.__members__)}, none, or a path to a "
             "state dict"
         )
@@ -290,7 +291,7 @@ def _download(name: str, url: str) -> dict[str, torch.Tensor]:
 
 def _lite0_member(text: str) -> None:
     if text.upper() not in ("DEFAULT", "IMAGENET1K") and text != LITE0_PACKAGE:
-        raise ValueError(
+        raise UserError(
             f"unknown weights {text!r} for {LITE0}; known: DEFAULT, IMAGENET1K, {LITE0_PACKAGE}, none, or a "
             "path to a state dict"
         )

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import schema, storage
+from pipeline.errors import UserError
 from pipeline.sources import Unit
 
 log = logging.getLogger("imgpipe")
@@ -187,7 +188,7 @@ class PartSink:
         short = {n: len(self.keys[n]) for n in self.units if n not in self.written}
         self.extra = {n: c for n, c in self.extra.items() if c}
         if short or self.extra:
-            raise ValueError(
+            raise UserError(
                 "the input did not match its manifest: "
                 + "; ".join(
                     [f"{n}: {got} of {self.counts.get(n, self.units[n].count)} samples" for n, got in short.items()]
@@ -277,7 +278,7 @@ def verify_parts(out: storage.Location, units: Sequence[Unit]) -> dict:
             or info.metadata.get("unit") != unit.name
             or info.metadata.get("unit_digest", "") != unit.digest
         ):
-            raise ValueError(
+            raise UserError(
                 f"{info.path}: holds {info.rows} rows + {len(info.rejects)} rejects of unit "
                 f"{info.metadata.get('unit')}, expected {unit.count} of {unit.name} "
                 f"({unit.digest or 'no digest'}, it has {info.metadata.get('unit_digest') or 'none'}); "
@@ -286,7 +287,7 @@ def verify_parts(out: storage.Location, units: Sequence[Unit]) -> dict:
     keys = read_parts(out, paths, [schema.KEY]).column(schema.KEY) if paths else pa.array([], pa.string())
     unique = len(pc.unique(keys)) if len(keys) else 0
     if unique != len(keys):
-        raise ValueError(
+        raise UserError(
             f"{out.uri}: {len(keys) - unique} keys appear in more than one row; the input has duplicate keys"
         )
     by_split: dict[str, dict[str, int]] = defaultdict(lambda: {"rows": 0, "rejected": 0, "parts": 0})
@@ -374,7 +375,7 @@ def _previous_units(
             return {}
         differs = [f"{len(present)} parts there have no {name}"]
     if not overwrite:
-        raise ValueError(
+        raise UserError(
             f"{out.uri} already holds the output of another run (it differs in {'; '.join(differs)}); "
             f"choose a new output, delete the old one, or set {overwrite_key}=true"
         )

@@ -18,6 +18,8 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
+from pipeline.errors import UserError
+
 log = logging.getLogger("imgpipe")
 
 # GPUs without fast bf16 (compute capability < 8.0), by Ray's accelerator_type resource name.
@@ -25,7 +27,7 @@ PRE_AMPERE = {"V100", "T4", "P100", "P40", "P4", "K80", "M60", "K40", "P6"}
 GPU_CPU_SHARE = 0.25  # of a GPU node's CPUs per GPU, for the actor feeding that GPU; the rest decode
 
 
-class NoGPUs(ValueError):
+class NoGPUs(UserError):
     """`model.device=cuda`, and the cluster has no GPU (now, or within the wait)."""
 
 
@@ -92,7 +94,7 @@ def plan_model_actors(
         return replace(_cpu_plan(hosts, requested, batches, cores), cpu_selector=selector)
     slots = sum(int(n["Resources"]["GPU"] // gpus_per_actor) for n in gpu_nodes)
     if slots < 1:
-        raise ValueError(
+        raise UserError(
             f"model.gpus_per_actor={gpus_per_actor} is more than any node has; the GPU nodes have "
             f"{sorted({n['Resources']['GPU'] for n in gpu_nodes})} GPUs"
         )
@@ -134,7 +136,7 @@ def cpu_only_selector(nodes: list[dict], setting: str, labels: dict[str, str] | 
     if not gpu_nodes:
         return selector
     if len(gpu_nodes) == len(alive):
-        raise ValueError(f"{setting} is set, but every node of the cluster has GPUs; add CPU-only nodes or unset it")
+        raise UserError(f"{setting} is set, but every node of the cluster has GPUs; add CPU-only nodes or unset it")
     selector["ray.io/node-id"] = f"!in({','.join(gpu_nodes)})"
     return selector
 

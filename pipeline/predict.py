@@ -18,6 +18,7 @@ import torch
 
 from pipeline import gallery, report, runreport, schema, storage
 from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig, WebDatasetConfig, require
+from pipeline.errors import UserError
 from pipeline.features import Embedder, Shipped, model_actor_plan, origin_columns, stream_units
 from pipeline.heads import create_head, load_head
 from pipeline.models import ResolvedWeights, resolve_weights
@@ -105,7 +106,7 @@ def resolve_model(
             weights.preprocessing != Preprocessing.from_dict(info["preprocessing"])
             or (info.get("weights_digest") or weights.digest) != weights.digest
         ):
-            raise ValueError(
+            raise UserError(
                 f"{head_uri}: the head was trained on features of {info['backbone']} {info['weights']} "
                 f"({info.get('weights_digest')}, "
                 f"{info['preprocessing']}); those weights now give {weights.digest}, {weights.preprocessing.to_dict()}"
@@ -119,7 +120,7 @@ def resolve_model(
         )
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
     if weights.categories is None:
-        raise ValueError(
+        raise UserError(
             f"{model_cfg.backbone} with weights {weights.weights} has no trained classifier; set classify.head "
             "to a train-head output, or use pretrained weights"
         )

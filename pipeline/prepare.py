@@ -17,6 +17,7 @@ import ray
 
 from pipeline import labelfile, schema, storage
 from pipeline.config import PrepareConfig, StorageConfig, require
+from pipeline.errors import UserError
 from pipeline.layouts import SPLIT_FREE, Discovery, RawInput, discover
 from pipeline.progress import StageProgress
 from pipeline.shards import ShardPlan, build_manifest, plan_shards, write_shard
@@ -25,14 +26,14 @@ log = logging.getLogger("imgpipe")
 SPLITS = ("train", "val", "test")
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError):
     """The job ran but its result must not be used (too many rejects); the message says why."""
 
 
 def run(cfg: PrepareConfig, storage_cfg: StorageConfig) -> dict:
     """Prepare `cfg.source` into `cfg.output`; returns the manifest. Ray must be connected."""
     if not cfg.source or not cfg.output:
-        raise ValueError("prepare needs prepare.source and prepare.output (URIs or local paths)")
+        raise UserError("prepare needs prepare.source and prepare.output (URIs or local paths)")
     src, out = storage.resolve(cfg.source, storage_cfg), storage.resolve(cfg.output, storage_cfg)
     found = discover_inputs(src, cfg, storage_cfg)
     log.info(
@@ -79,7 +80,7 @@ def run(cfg: PrepareConfig, storage_cfg: StorageConfig) -> dict:
 def discover_inputs(src: storage.Location, cfg: PrepareConfig, storage_cfg: StorageConfig) -> Discovery:
     """The layout's inputs and classes; `classes` or `classes_file` fix the class list and its order."""
     if cfg.classes is not None and cfg.classes_file:
-        raise ValueError("set prepare.classes or prepare.classes_file, not both")
+        raise UserError("set prepare.classes or prepare.classes_file, not both")
     classes = cfg.classes
     if cfg.classes_file:
         classes = labelfile.read_classes_file(storage.resolve(cfg.classes_file, storage_cfg))
@@ -101,7 +102,7 @@ def assign_splits(
         total = sum(ratios.values())
         if free and total <= 0:
             own = sorted({i.split for i in fixed})
-            raise ValueError(
+            raise UserError(
                 f"prepare.split gives every share to {own}, which the source fixes itself, so its other "
                 f"{len(free)} inputs would go nowhere; give train/val a share (split={{train: 0.9, val: 0.1}}) "
                 "or set prepare.keep_source_test=false"

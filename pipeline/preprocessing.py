@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from pipeline.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -26,9 +28,9 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; known: {', '.join(INTERPOLATIONS)}")
+            raise UserError(f"unknown interpolation {self.interpolation!r}; known: {', '.join(INTERPOLATIONS)}")
         if self.resize_size < self.crop_size:
-            raise ValueError(f"resize_size {self.resize_size} is smaller than crop_size {self.crop_size}")
+            raise UserError(f"resize_size {self.resize_size} is smaller than crop_size {self.crop_size}")
 
     def to_dict(self) -> dict:
         """JSON-ready form, for Parquet metadata and model sidecars."""

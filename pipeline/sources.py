@@ -22,6 +22,7 @@ import ray
 
 from pipeline import layouts, schema, storage, webshards
 from pipeline.config import IMAGE_EXTENSIONS, StorageConfig, WebDatasetConfig
+from pipeline.errors import UserError
 
 log = logging.getLogger("imgpipe")
 
@@ -72,7 +73,7 @@ class ImageSource:
             return self
         unknown = sorted(set(splits) - set(self.splits))
         if unknown:
-            raise ValueError(f"{self.location.uri}: no split {unknown}; it has {self.splits}")
+            raise UserError(f"{self.location.uri}: no split {unknown}; it has {self.splits}")
         return replace(self, units=tuple(u for u in self.units if u.split in splits))
 
     def dataset(self, units: Sequence[Unit] | None = None, **ray_remote_args) -> ray.data.Dataset:
@@ -80,7 +81,7 @@ class ImageSource:
         `ray_remote_args` go to the read tasks (a `label_selector`, say)."""
         units = list(self.units if units is None else units)
         if not units:
-            raise ValueError(f"{self.location.uri}: nothing to read (no units selected)")
+            raise UserError(f"{self.location.uri}: nothing to read (no units selected)")
         # Each item carries its own unit, so a task receives only the paths it reads.
         items = [
             {"name": u.name, "paths": list(u.paths), "labels": list(u.labels), "keys": list(u.keys)} for u in units
@@ -130,7 +131,7 @@ def open_images(
     if kind in ("auto", "shards") and storage.exists(loc.join(MANIFEST)):
         return _open_shards(loc).select(splits)
     if kind == "shards":
-        raise ValueError(
+        raise UserError(
             f"{uri}: no {MANIFEST} here; run `imgpipe prepare` first, pass raw images, or set source_kind=webdataset "
             "for WebDataset shards of another tool"
         )
@@ -141,14 +142,14 @@ def open_images(
         # prepare's own shard names beside what it writes first (config.yaml) or last (errors.jsonl): its output,
         # unfinished; foreign shards with such names read with source_kind=webdataset.
         if any(schema.SHARD_FILE.fullmatch(r) for r in rel) and {"config.yaml", "errors.jsonl"} & set(rel):
-            raise ValueError(
+            raise UserError(
                 f"{uri}: shards but no {MANIFEST}: the last `imgpipe prepare` into it did not finish; run it again "
                 "(or set source_kind=webdataset to read the shards as they are)"
             )
         if kind == "auto" and any(webshards.is_shard(r) for r in rel):
             log.info("%s: tar files and no %s: read as WebDataset shards (source_kind=webdataset)", uri, MANIFEST)
             return _open_webdataset(uri, cfg, wds or WebDatasetConfig()).select(splits)
-        raise ValueError(f"{uri}: no image files ({', '.join(extensions)}) under this prefix")
+        raise UserError(f"{uri}: no image files ({', '.join(extensions)}) under this prefix")
     depths = {f.path[len(loc.path) :].lstrip("/").count("/") for f in files}
     if kind == "imagefolder" or (kind == "auto" and depths == {1}):
         found = layouts.imagefolder(loc, files, None)
@@ -262,7 +263,7 @@ def _read_shard(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
                     samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
                     names.setdefault(key, {})[ext] = member.name
     except tarfile.TarError as exc:
-        raise ValueError(
+        raise UserError(
             f"{shard_uri}: not a readable tar ({exc}); the shard is damaged: run `imgpipe prepare` again"
         ) from None
     for key, parts in samples.items():

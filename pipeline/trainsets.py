@@ -23,6 +23,7 @@ import ray
 
 from pipeline import schema, storage, webshards
 from pipeline.config import Config
+from pipeline.errors import UserError
 from pipeline.sources import MANIFEST, ImageSource, Unit, open_images
 
 log = logging.getLogger("imgpipe")
@@ -64,7 +65,7 @@ def resolve(cfg: Config) -> TrainSets:
     if source.kind == "shards":
         missing = [s for s in (ft.train_split, *([] if ft.val_source else [ft.val_split])) if s not in source.splits]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{ft.source} has no split {missing} (it has {source.splits}); prepare it with a val split "
                 "(prepare.split), set finetune.val_source, or set finetune.train_split / finetune.val_split"
             )
@@ -81,7 +82,7 @@ def resolve(cfg: Config) -> TrainSets:
         test = _role(cfg, ft.test_source, "finetune.test_source", ft.test_split)
     classes = _classes(ft.source, train, val, test)
     if classes is None and train.kind == "shards":
-        raise ValueError(f"{ft.source}: no classes.json classes; finetune needs labelled shards")
+        raise UserError(f"{ft.source}: no classes.json classes; finetune needs labelled shards")
     return TrainSets(train, val, test, classes)
 
 
@@ -89,7 +90,7 @@ def hold_out(source: ImageSource, fraction: float, seed: int, uri: str) -> tuple
     """(train, val): whole shards of `source`, `fraction` of them (at least one) drawn from `seed` for val."""
     units = list(source.units)
     if len(units) < 2:
-        raise ValueError(
+        raise UserError(
             f"{uri}: one WebDataset shard, and no finetune.val_source: set finetune.val_source to the validation "
             "shards (or split the data into more shards, so that whole shards can be held out)"
         )
@@ -154,13 +155,13 @@ def _open(cfg: Config, uri: str, setting: str) -> ImageSource:
         if not storage.exists(loc.join(MANIFEST)) and not any(
             webshards.is_shard(f.path) for f in storage.list_files(loc)
         ):
-            raise ValueError(
+            raise UserError(
                 f"{uri} ({setting}): no prepared shards here (no {MANIFEST}) and no WebDataset shards; run `imgpipe "
                 "prepare` on the images first, or name WebDataset shards (a prefix of .tar files, a glob, a brace list)"
             )
     source = open_images(uri, cfg.storage, wds=cfg.webdataset)
     if source.kind not in ("shards", "webdataset"):
-        raise ValueError(
+        raise UserError(
             f"{uri} ({setting}): raw images ({source.kind}); finetune reads prepared shards or WebDataset shards: "
             f"run `imgpipe prepare` on the images first and point {setting} at its output"
         )
@@ -175,7 +176,7 @@ def _role(cfg: Config, uri: str | None, setting: str, split: str | None) -> Imag
     if source.kind == "webdataset":
         return source
     if split not in source.splits:
-        raise ValueError(f"{uri} ({setting}) has no split {split!r} (it has {source.splits})")
+        raise UserError(f"{uri} ({setting}) has no split {split!r} (it has {source.splits})")
     return source.select([split])
 
 
@@ -184,7 +185,7 @@ def _classes(uri: str, *sources: ImageSource | None) -> tuple[str, ...] | None:
     named = [s for s in sources if s is not None and s.classes]
     for other in named[1:]:
         if other.classes != named[0].classes:
-            raise ValueError(
+            raise UserError(
                 f"{uri}: the classes of {named[0].location.uri} and {other.location.uri} differ "
                 f"({len(named[0].classes)} vs {len(other.classes)} classes, or their order); "
                 "train, val and test must share one class list (set webdataset.classes for foreign shards)"
@@ -203,7 +204,7 @@ def _check_labels(uri: str, tallies: list[dict]) -> None:
     samples = sum(t["samples"] for t in tallies)
     labelled = sum(t["labelled"] for t in tallies)
     if not labelled:
-        raise ValueError(
+        raise UserError(
             f"{uri}: none of the {samples} train samples has a label; finetune needs labels "
             "(set webdataset.label, and webdataset.json_field for .json labels)"
         )

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.config import FinetuneConfig
+from pipeline.errors import UserError
 from pipeline.models import SIMPLE_CNN, ResolvedWeights, create_backbone, final_layer_path
 
 Stages = list[tuple[str, list[nn.Module]]]
@@ -76,7 +77,7 @@ def check_mode(name: str, cfg: FinetuneConfig, pretrained: bool) -> None:
     """Refuse combinations that cannot work, before any worker starts."""
     uses_frozen = cfg.mode != "full" or cfg.head_epochs > 0
     if uses_frozen and not pretrained:
-        raise ValueError(
+        raise UserError(
             f"finetune.mode={cfg.mode} (head_epochs={cfg.head_epochs}) freezes a trunk, but {name} has no pretrained "
             "weights here; set finetune.mode=full and finetune.head_epochs=0 to train it from scratch"
         )

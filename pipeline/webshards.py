@@ -26,6 +26,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from pipeline import schema, storage
 from pipeline.config import IMAGE_EXTENSIONS, StorageConfig, WebDatasetConfig
+from pipeline.errors import UserError
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_MEMBERS = (*IMAGE_EXTENSIONS, "ppm", "pgm", "pnm")
@@ -59,7 +60,7 @@ def list_shards(uri: str, cfg: StorageConfig | None = None) -> tuple[storage.Loc
         listed = storage.list_files(base)
         shards = [f for f in listed if is_shard(f.path)]
         if not shards:
-            raise ValueError(f"{uri}: no WebDataset shards ({', '.join(SHARD_SUFFIXES)}) under this prefix")
+            raise UserError(f"{uri}: no WebDataset shards ({', '.join(SHARD_SUFFIXES)}) under this prefix")
         return base, shards, {f.path for f in listed}
     base_path = posixpath.commonpath([_fixed_folder(loc.path) for loc in locs])
     base = storage.Location(locs[0].fs, base_path, _uri_prefix(uri) + base_path)
@@ -115,9 +116,9 @@ def load_classes(base: storage.Location, listed: set[str], cfg: WebDatasetConfig
                 data = json.loads(text)
                 names = data.get("classes") if isinstance(data, dict) else data
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{loc.uri}: not JSON ({exc}); expected a list of class names") from None
+            raise UserError(f"{loc.uri}: not JSON ({exc}); expected a list of class names") from None
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise ValueError(f'{loc.uri}: expected a list of class names (or {{"classes": [...]}})')
+            raise UserError(f'{loc.uri}: expected a list of class names (or {{"classes": [...]}})')
         return tuple(names), loc.uri
     return None, ""
 
@@ -135,7 +136,7 @@ class LabelRules:
     def create(cls, cfg: WebDatasetConfig, classes: tuple[str, ...] | None) -> "LabelRules":
         """The rules of `cfg` with these class names; label=txt without class names is an error."""
         if cfg.label == "txt" and not classes:
-            raise ValueError(
+            raise UserError(
                 "webdataset.label=txt reads class names, but none are known: set webdataset.classes or put "
                 "classes.json / classes.txt beside the shards"
             )
@@ -223,5 +224,5 @@ def group_samples(data: bytes, shard_uri: str) -> dict[str, dict[str, tuple[str,
             samples.setdefault(key, {}).setdefault(ext.lower(), (member["fname"], member["data"]))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         reason = str(exc).split(" @ ")[0] or type(exc).__name__
-        raise ValueError(f"{shard_uri}: not a readable tar ({reason}); the shard is damaged or not a tar") from None
+        raise UserError(f"{shard_uri}: not a readable tar ({reason}); the shard is damaged or not a tar") from None
     return samples
