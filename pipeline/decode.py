@@ -13,6 +13,7 @@ mode (grayscale, CMYK, palette, alpha, 16-bit) ends as upright RGB uint8.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import re
 import threading
@@ -225,9 +226,29 @@ def _orientation(img: Image.Image, notes: list[str]) -> int:
     try:
         with _pillow("unreadable EXIF", notes):
             value = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except ImageRejected:  # a corrupt EXIF block leaves the pixels as stored
+    except ImageRejected as exc:  # a corrupt EXIF block leaves the pixels as stored
+        _exif_damaged(str(exc), 1)
         return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+    value = value if isinstance(value, int) and 1 <= value <= 8 else 1
+    # Pillow warns ("Corrupt EXIF data", "Skipping tag 274"), when opening or here, and reads what it can.
+    damaged = [note for note in notes if "EXIF" in note or "Skipping tag" in note]
+    if damaged:
+        _exif_damaged(damaged[0], value)
+    return value
+
+
+def _exif_damaged(reason: str, orientation: int) -> None:
+    """Log a damaged EXIF block once per process: the image is kept, with what of the block could be read;
+    more lines would flood the log."""
+    global _EXIF_LOGGED
+    if not _EXIF_LOGGED:
+        _EXIF_LOGGED = True
+        log.warning(
+            "an image's EXIF block is damaged (%s); the image is kept, orientation %d (1: as stored) "
+            "(logged once per process: further damaged EXIF blocks are not logged)",
+            reason,
+            orientation,
+        )
 
 
 def _decode_jpeg(head: Header, scale: int) -> np.ndarray | None:
@@ -300,6 +321,8 @@ def _note(notes: list[str], caught: list[warnings.WarningMessage]) -> None:
 # libtiff (Pillow's TIFF codec) prints its errors and warnings to stderr itself. Its handlers send them to
 # the notes of the file being decoded in this thread instead; outside a decode they are dropped.
 _LIBTIFF = threading.local()
+_EXIF_LOGGED = False
+log = logging.getLogger("imgpipe")
 
 
 def _route_libtiff_messages() -> object | None:

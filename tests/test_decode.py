@@ -304,3 +304,22 @@ def test_every_job_rejects_the_damaged_set_with_the_same_reasons(ray_session, tm
     assert dropped["dropped"] == {0: 28, -1: 28}
     pairs = [(e["source"].rsplit("/", 1)[1], e["reason"]) for e in dropped["examples"]]
     assert len(pairs) == 56 and set(pairs) == set(expected.items())  # each file twice, with one reason
+
+
+def _with_app1(data: bytes, payload: bytes) -> bytes:
+    return data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+def test_a_damaged_exif_block_keeps_the_image_and_is_logged_once(caplog, monkeypatch):
+    from pipeline import decode
+
+    monkeypatch.setattr(decode, "_EXIF_LOGGED", False)
+    stored = gradient_array(32, 16, seed=3)
+    plain = encode(stored, "JPEG", quality=95)
+    # A TIFF header whose first IFD lies past the end of the block: Pillow warns "Corrupt EXIF data".
+    damaged = [_with_app1(plain, b"Exif\x00\x00MM\x00\x2a\xff\xff\xff" + bytes([0xF0 - n])) for n in range(3)]
+    with caplog.at_level("WARNING", logger="imgpipe"):
+        for data in damaged:
+            assert np.array_equal(decode_rgb(data), decode_rgb(plain))  # kept, as stored
+    lines = [r.getMessage() for r in caplog.records if "EXIF" in r.getMessage()]
+    assert len(lines) == 1 and "Corrupt EXIF data" in lines[0] and "orientation 1 (1: as stored)" in lines[0]
