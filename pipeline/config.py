@@ -162,7 +162,7 @@ class ClassifyConfig(Section):
     output: str = ""
     source_kind: SourceKind = "auto"  # as features.source_kind; images: unlabelled, whatever the folders
     splits: Optional[list[str]] = None  # prepared shards: which splits; None = all
-    head: Optional[str] = None  # a train-head output; None: the backbone's own classifier
+    head: Optional[str] = None  # a train-head output (a set model.backbone/weights must match it); None: own classifier
     top_k: int = Field(default=5, ge=1)
     batch_size: int = Field(default=64, ge=1)  # per model call
     decode_batch: int = Field(default=64, ge=1)  # rows per decode task block

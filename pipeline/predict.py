@@ -95,22 +95,7 @@ def resolve_model(
     With a head, the backbone is the one its features were computed with."""
     if head_uri:
         head, info = load_head(head_uri, storage_cfg)
-        if (info["backbone"], info["weights"]) != (model_cfg.backbone, model_cfg.weights):
-            log.info(
-                "classify: using the head's backbone %s (weights %s); model.* is ignored with a head",
-                info["backbone"],
-                info["weights"],
-            )
-        weights = resolve_weights(info["backbone"], info["weights"], storage_cfg)
-        if (
-            weights.preprocessing != Preprocessing.from_dict(info["preprocessing"])
-            or (info.get("weights_digest") or weights.digest) != weights.digest
-        ):
-            raise UserError(
-                f"{head_uri}: the head was trained on features of {info['backbone']} {info['weights']} "
-                f"({info.get('weights_digest')}, "
-                f"{info['preprocessing']}); those weights now give {weights.digest}, {weights.preprocessing.to_dict()}"
-            )
+        weights = head_weights(model_cfg, info, head_uri, storage_cfg)
         return (
             weights,
             (info["architecture"], head.state_dict()),
@@ -125,6 +110,42 @@ def resolve_model(
             "to a train-head output, or use pretrained weights"
         )
     return weights, None, list(weights.categories), f"{weights.backbone} ({weights.weights}) own classifier", ""
+
+
+def head_weights(model_cfg: ModelConfig, info: dict, head_uri: str, storage_cfg: StorageConfig) -> ResolvedWeights:
+    """The weights of the backbone a head's features were computed with (head.json), fetched.
+
+    A head brings its backbone, so model.backbone and model.weights may be left unset; when set, they
+    must name that backbone and weights: a head on other embeddings would give confident nonsense."""
+    trained = f"{info['backbone']} (weights {info['weights']})"
+    asked = model_cfg.model_fields_set  # what the config set, not the defaults
+    if "backbone" in asked and model_cfg.backbone != info["backbone"]:
+        raise UserError(
+            f"{head_uri}: the head was trained on features of {trained}, but model.backbone is {model_cfg.backbone}; "
+            f"leave model.backbone unset (a head brings its own) or train a head on {model_cfg.backbone} features"
+        )
+    other = "weights" in asked and model_cfg.weights != info["weights"]
+    weights = resolve_weights(info["backbone"], model_cfg.weights if other else info["weights"], storage_cfg)
+    recorded = info.get("weights_digest") or ""
+    same = weights.digest == recorded if recorded else weights.weights == info["weights"]  # older heads: no digest
+    if other and not same:
+        raise UserError(
+            f"{head_uri}: the head was trained on features of {trained}, {recorded or 'no digest'}; "
+            f"model.weights {model_cfg.weights} gives {weights.weights}, {weights.digest or 'no digest'}; leave "
+            "model.weights unset (a head brings its own) or train a head on features of those weights"
+        )
+    if model_cfg.backbone != info["backbone"]:
+        log.info("classify: using the head's backbone %s; model.backbone is left at its default", trained)
+    if (
+        weights.preprocessing != Preprocessing.from_dict(info["preprocessing"])
+        or (recorded or weights.digest) != weights.digest
+    ):
+        raise UserError(
+            f"{head_uri}: the head was trained on features of {info['backbone']} {info['weights']} "
+            f"({info.get('weights_digest')}, "
+            f"{info['preprocessing']}); those weights now give {weights.digest}, {weights.preprocessing.to_dict()}"
+        )
+    return weights
 
 
 @dataclass(frozen=True)

@@ -211,3 +211,36 @@ def test_run_files_of_an_older_imgpipe_are_named_as_such(tmp_path):
         parts.plan_run(out, features.RUN_FILE, {"dim": "4"}, [unit], [unit])
     every, todo = parts.plan_run(out, features.RUN_FILE, {"dim": "4"}, [unit], [unit], overwrite=True)
     assert every == todo == [unit] and not (tmp_path / "feats" / "features.json").exists()
+
+
+def test_source_kind_images_reads_an_imagefolder_unlabelled(ray_session, tmp_path):
+    """One folder deep reads as an ImageFolder by default (labels from the folder names);
+    features.source_kind=images reads the same tree unlabelled: no classes, every label -1."""
+    write_imagefolder(tmp_path / "raw", {"blue": 2, "red": 2}, size=(16, 16))
+
+    def embed(kind: str, output: str) -> tuple[dict, pa.Table]:
+        cfg = FeaturesConfig(
+            source=str(tmp_path / "raw"), output=str(tmp_path / output), source_kind=kind, batch_size=4, actors=1
+        )
+        result = features.run(ModelConfig(), cfg, StorageConfig())
+        assert (result["inputs"], result["rows"], result["rejected"]) == (4, 4, 0)
+        run_file = json.loads((tmp_path / output / "features.json").read_text())
+        return run_file, pq.read_table(tmp_path / output / "all" / "part-000000.parquet")
+
+    run_file, part = embed("auto", "folders")
+    labels = dict(zip(part.column(schema.KEY).to_pylist(), part.column(schema.LABEL).to_pylist()))
+    assert labels == {"blue/blue_0000": 0, "blue/blue_0001": 0, "red/red_0000": 1, "red/red_0001": 1}
+    assert (
+        json.loads(run_file["identity"]["classes"]) == ["blue", "red"] and run_file["identity"]["kind"] == "imagefolder"
+    )
+    assert json.loads(part.schema.metadata[b"imgpipe.classes"]) == ["blue", "red"]
+
+    run_file, part = embed("images", "unlabelled")
+    labels = dict(zip(part.column(schema.KEY).to_pylist(), part.column(schema.LABEL).to_pylist()))
+    assert labels == dict.fromkeys(["blue/blue_0000", "blue/blue_0001", "red/red_0000", "red/red_0001"], -1)
+    assert json.loads(run_file["identity"]["classes"]) == [] and run_file["identity"]["kind"] == "images"
+    assert json.loads(part.schema.metadata[b"imgpipe.classes"]) == []
+    # The same tree read the other way is another run: never mixed into the labelled output.
+    other = FeaturesConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "folders"), source_kind="images")
+    with pytest.raises(ValueError, match=r"already holds the output of another run \(it differs in classes; kind;"):
+        features.run(ModelConfig(), other, StorageConfig())

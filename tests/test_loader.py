@@ -1,6 +1,9 @@
-"""Training input pipeline: shard order per epoch, actors, dropped bad samples, equal per-worker batches."""
+"""Training input pipeline: shard order and shuffle-buffer seed per epoch, actors, dropped bad samples, equal
+per-worker batches."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,8 +17,10 @@ from pipeline.loader import (
     actor_count,
     batches_per_epoch,
     epoch_splits,
+    iter_train_batches,
     label_selector,
     shard_order,
+    shuffle_seed,
     worker_batches,
     worker_eval_batches,
 )
@@ -40,6 +45,13 @@ def test_shard_order_is_a_seeded_permutation_per_epoch():
     assert first == shard_order(units, seed=0, epoch=0)
     assert first != shard_order(units, seed=0, epoch=1)
     assert first != shard_order(units, seed=1, epoch=0)
+
+
+def test_shuffle_buffer_seed_is_fixed_by_seed_epoch_and_rank():
+    seeds = {(s, e, r): shuffle_seed(s, e, r) for s in (0, 1) for e in (0, 1, 2) for r in (0, 1, 2)}
+    assert all(shuffle_seed(*k) == v for k, v in seeds.items())  # the same on every call (and machine)
+    assert len(set(seeds.values())) == len(seeds)  # another seed, epoch or rank: another buffer order
+    assert all(0 <= v < 2**32 for v in seeds.values())
 
 
 def test_actor_pool_follows_the_cluster_cpus():
@@ -174,3 +186,34 @@ def test_eval_rows_are_not_augmented_and_each_comes_once(ray_session, dataset_di
     assert np.array_equal(rows["val003"], build_eval_transform(PREP)(batch)[schema.PIXELS][0])
     with pytest.raises(ValueError, match="no validation source"):
         TrainInput(source.select(["train"]), PREP, AUGMENT, LOADER).eval_dataset()
+
+
+def epoch_keys(source, loader: LoaderConfig, epoch: int) -> list[str]:
+    """The keys of one worker's batches of `epoch`, in order, through a real `TrainInput`."""
+    rows = TrainInput(source, PREP, AugmentConfig(preset="none"), loader).dataset(epoch)
+    return [k for batch in iter_train_batches(rows, loader, epoch) for k in batch[schema.KEY]]
+
+
+@pytest.mark.timeout(180)
+def test_batch_order_follows_the_shard_order_and_the_buffer_seed(ray_session, dataset_dir):
+    """The shard order of each epoch, then the seeded local shuffle: the same (seed, epoch) gives the
+    same batches in the same order, another seed or epoch another order."""
+    source = open_images(str(dataset_dir), splits=["train"])
+    in_shard_order = LOADER.model_copy(update={"pool": "tasks", "shuffle_buffer": 0})
+    orders = []
+    for epoch in (0, 1):
+        keys = epoch_keys(source, in_shard_order, epoch)
+        shards = list(dict.fromkeys(f"train-{int(k[3:]) // 10:06d}" for k in keys))
+        assert shards == [u.name for u in shard_order(source.units, LOADER.seed, epoch)], (epoch, shards)
+        assert keys == sorted(keys, key=lambda k: (shards.index(f"train-{int(k[3:]) // 10:06d}"), k))
+        orders.append(shards)
+    assert orders[0] != orders[1]
+
+    # One shard, so that only the shuffle buffer orders the rows: 10 rows, 2 full batches of 4.
+    one = replace(source, units=source.units[:1])
+    shuffled = LOADER.model_copy(update={"pool": "tasks", "shuffle_buffer": 16})
+    first = epoch_keys(one, shuffled, 0)
+    assert len(first) == 8 and first == epoch_keys(one, shuffled, 0)
+    assert first != [f"img{i:03d}" for i in range(8)]  # shuffled, not read order
+    assert first != epoch_keys(one, shuffled, 1)
+    assert first != epoch_keys(one, shuffled.model_copy(update={"seed": 1}), 0)

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from images import bad_files, upload_tree, write_imagefolder
 from PIL import Image
+from processes import ray_env
 from sklearn.datasets import load_sample_image
 
-from pipeline import features, heads, predict, schema, storage
+from pipeline import features, heads, inspection, predict, schema, storage
 from pipeline.config import ClassifyConfig, FeaturesConfig, HeadConfig, ModelConfig, PrepareConfig, StorageConfig
+from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.prepare import run as prepare
 
 pytestmark = pytest.mark.timeout(300)
@@ -48,8 +54,7 @@ def test_classify_labelled_shards_with_a_trained_head(ray_session, s3, bucket, t
     cfg = ClassifyConfig(
         source=data, output=f"s3://{bucket}/preds", head=f"s3://{bucket}/head", splits=["test"], batch_size=4, top_k=2
     )
-    # model.* names another backbone: with a head, the head's own backbone is used.
-    result = predict.run(ModelConfig(backbone="resnet18"), cfg, storage_cfg)
+    result = predict.run(ModelConfig(), cfg, storage_cfg)
     assert (result["inputs"], result["rows"], result["rejected"]) == (6, 6, 0)
     assert result["model"].startswith("efficientnet_lite0 + head")
     test = result["metrics"]["test"]
@@ -121,3 +126,70 @@ def test_top_k_metrics_with_k_below_the_class_count():
     assert "top5" not in metrics and report.accuracy_text(metrics) == "top-1 50.00%  top2 62.50%"
     assert metrics["per_class"]["b"] == {"accuracy": 0.5, "support": 2}
     assert metrics["confusion_matrix"][3] == [1, 1, 0, 0]  # d taken for b once, for a once
+
+
+def write_head(root: Path, weights: ResolvedWeights, dim: int, digest: str | None = None) -> str:
+    """A two-class linear head as train-head writes it, on features of `weights` (head.json records them)."""
+    root.mkdir(parents=True)
+    spec = {"kind": "linear", "in_dim": dim, "num_classes": 2, "hidden": 0, "dropout": 0.0}
+    torch.save(heads.create_head(spec).state_dict(), root / "head.pt")
+    info = {
+        "format": heads.HEAD_FORMAT,
+        "architecture": spec,
+        "classes": ["a", "b"],
+        "backbone": weights.backbone,
+        "weights": weights.weights,
+        "weights_digest": weights.digest if digest is None else digest,
+        "preprocessing": weights.preprocessing.to_dict(),
+    }
+    (root / "head.json").write_text(json.dumps(info))
+    return str(root)
+
+
+@pytest.mark.timeout(240)
+def test_a_head_refuses_another_backbone_or_weights_before_any_work(tmp_path):
+    """model.backbone / model.weights, when set, must name what the head's features came from; left unset,
+    the head brings its own. Refused in one line naming both, before Ray starts or anything is written."""
+    lite0 = resolve_weights("efficientnet_lite0")
+    head = write_head(tmp_path / "lite0", lite0, 1280)
+    write_imagefolder(tmp_path / "raw", {"a": 1, "b": 1}, size=(16, 16))
+    cfg = ClassifyConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "out"), head=head)
+    trained = f"{head}: the head was trained on features of efficientnet_lite0 (weights {lite0.weights})"
+
+    def refusal(model: ModelConfig, classify: ClassifyConfig = cfg) -> str:
+        with pytest.raises(ValueError) as refused:
+            predict.check(model, classify, StorageConfig())
+        return str(refused.value)
+
+    assert refusal(ModelConfig(backbone="resnet18")) == (
+        f"{trained}, but model.backbone is resnet18; leave model.backbone unset (a head brings its own) or train "
+        "a head on resnet18 features"
+    )
+    assert refusal(ModelConfig(weights="none")) == (
+        f"{trained}, {lite0.digest}; model.weights none gives none, no digest; leave model.weights unset (a head "
+        "brings its own) or train a head on features of those weights"
+    )
+    stale = write_head(tmp_path / "stale", lite0, 1280, digest="sha256:" + "0" * 64)  # its backbone's file changed
+    assert "those weights now give " + lite0.digest in refusal(ModelConfig(), cfg.model_copy(update={"head": stale}))
+    with pytest.raises(ValueError, match="but model.backbone is resnet18"):
+        inspection.load_model(ModelConfig(backbone="resnet18"), head, None)  # inspect resolves a head the same way
+
+    # Unset, or set to what the head was trained on (DEFAULT is the same file): the head's backbone.
+    assert predict.check(ModelConfig(), cfg, StorageConfig()).model[0].digest == lite0.digest
+    same = ModelConfig(backbone="efficientnet_lite0", weights="DEFAULT")
+    assert predict.check(same, cfg, StorageConfig()).model[0].digest == lite0.digest
+    resnet = write_head(tmp_path / "resnet", resolve_weights("resnet18", "none"), 512)
+    assert predict.check(ModelConfig(), cfg.model_copy(update={"head": resnet}), StorageConfig()).model[0].backbone == (
+        "resnet18"
+    )
+
+    # As a user runs it: one line, exit 1, before Ray starts; nothing written.
+    args = [f"classify.source={tmp_path / 'raw'}", f"classify.output={tmp_path / 'out'}", f"classify.head={head}"]
+    cmd = [sys.executable, "-m", "jobs.cli", "classify", *(f"--set={a}" for a in args), "--set=model.backbone=resnet18"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent, env=ray_env(), timeout=180
+    )
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"imgpipe classify: {refusal(ModelConfig(backbone='resnet18'))}"
+    ], proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()

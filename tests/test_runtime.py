@@ -1,7 +1,8 @@
-"""Runtime: the same job runs on an embedded local Ray or joins a cluster given by --address."""
+"""Runtime: the same job runs on an embedded local Ray or joins a cluster given by --address or RAY_ADDRESS."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -37,17 +38,21 @@ def test_embedded_by_default(tmp_path):
     assert "inputs 6 = samples 6 + rejected 0" in proc.stdout
 
 
-def test_joins_a_cluster_given_by_address(tmp_path):
-    """A real `ray start --head` in its own process; the job connects to it by --address."""
+@pytest.mark.timeout(360)  # a head and three drivers, on a loaded 2-core machine
+def test_joins_a_cluster_given_by_address_or_ray_address(tmp_path):
+    """A real `ray start --head` in its own process; a job connects to it by --address, and another by
+    RAY_ADDRESS alone (both drivers are then in that cluster's job table, so neither started its own Ray)."""
     write_imagefolder(tmp_path / "raw", {"a": 3, "b": 3})
     with ray_head(_env()) as port:
         proc = run_prepare(tmp_path / "raw", tmp_path / "out", "--address", f"127.0.0.1:{port}")
+        by_env = run_prepare(tmp_path / "raw", tmp_path / "out-env", env=_env() | {"RAY_ADDRESS": f"127.0.0.1:{port}"})
         # The workers import the driver's checkout of `pipeline`, shipped with the job, not
-        # whatever the nodes have installed.
+        # whatever the nodes have installed; the job table lists every driver that joined.
         probe = (
-            "import ray; from pipeline import runtime; from pipeline.config import RayConfig; "
+            "import json, ray; from pipeline import runtime; from pipeline.config import RayConfig; "
             f"runtime.connect(RayConfig(address='127.0.0.1:{port}')); "
-            "print(ray.get(ray.remote(lambda: __import__('pipeline').__file__).remote()))"
+            "print(ray.get(ray.remote(lambda: __import__('pipeline').__file__).remote())); "
+            "print(json.dumps([j['Entrypoint'] for j in ray._private.state.jobs()]))"
         )
         # Run from elsewhere: Ray puts the driver's folder on the workers' path, which on one
         # machine would hide whether the package travelled.
@@ -59,10 +64,14 @@ def test_joins_a_cluster_given_by_address(tmp_path):
             timeout=120,
             env={**_env(), "PYTHONPATH": str(ROOT)},
         )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     assert where.returncode == 0 and "runtime_resources" in where.stdout, (where.stdout, where.stderr[-2000:])
-    assert re.search(rf"connected to the Ray cluster at 127.0.0.1:{port} \(2 CPUs, 0 GPUs\)", proc.stderr)
-    assert "inputs 6 = samples 6 + rejected 0" in proc.stdout
+    drivers = [d.split() for d in json.loads(where.stdout.splitlines()[-1])]
+    for run, out in ((proc, "out"), (by_env, "out-env")):
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert re.search(rf"connected to the Ray cluster at 127.0.0.1:{port} \(2 CPUs, 0 GPUs\)", run.stderr)
+        assert "started an embedded local Ray" not in run.stderr
+        assert "inputs 6 = samples 6 + rejected 0" in run.stdout
+        assert any("jobs.prepare" in d and f"prepare.output={tmp_path / out}" in d for d in drivers), drivers
 
 
 def test_missing_output_and_bad_bucket_are_one_line(tmp_path, s3_endpoint):
