@@ -104,7 +104,8 @@ class ModelConfig(Section):
     gpus_per_actor: float = Field(default=1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # on GPU; auto: bf16 (fp16 before Ampere); CPU: fp32
     gpu_wait_s: float = Field(default=600.0, ge=0)  # device=cuda: how long to wait for GPUs / for actors to start
-    engine: Literal["auto", "eager", "onnxruntime"] = "auto"  # auto: onnxruntime on CPU when installed, else eager
+    # auto: onnxruntime on CPU when installed, else eager; compile: torch.compile (inductor), cached per node
+    engine: Literal["auto", "eager", "onnxruntime", "compile"] = "auto"
 
 
 SourceKind = Literal["auto", "shards", "webdataset", "imagefolder", "images"]

@@ -23,7 +23,7 @@ import torch
 from pipeline import augment, devices, placement, schema, storage
 from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig, WebDatasetConfig, require
 from pipeline.engine import choose as choose_engine
-from pipeline.engine import onnx_backbone
+from pipeline.engine import compiled_backbone, onnx_backbone
 from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
 from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors, write_run_file
 from pipeline.placement import ActorPlan
@@ -94,6 +94,13 @@ class Embedder:
         self.normalize = DeviceNormalizer(self.prep, self.device)
         self.dtype = np.dtype(dtype)
         self.batch_size, self.staging = batch_size, None
+        if engine == "compile":  # one fixed batch shape, compiled now rather than on the first batch
+            crop = self.prep.crop_size
+            example = torch.zeros((batch_size, 3, crop, crop), device=self.device)
+            self.engine = engine
+            self.run_trunk = compiled_backbone(
+                self.model, example.contiguous(memory_format=torch.channels_last), self.autocast
+            )
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed batch shape: the fastest kernels, tuned once
             crop = self.prep.crop_size
@@ -116,15 +123,23 @@ class Embedder:
     def embed(self, pixels: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, dim) embeddings on the model's device (fp32 on CPU, the
         precision's float on GPU)."""
-        if self.staging is None:
+        if self.staging is None and self.engine != "compile":
             return self.run_trunk(self.normalize(readonly_tensor(pixels))).float()
+        if self.staging is None:  # compiled on CPU: every call padded to the one shape it was compiled for
+            chunks = []
+            for start in range(0, len(pixels), self.batch_size):
+                part = readonly_tensor(pixels[start : start + self.batch_size])
+                padded = torch.zeros((self.batch_size, *part.shape[1:]), dtype=part.dtype)
+                padded[: len(part)] = part
+                chunks.append(self.run_trunk(self.normalize(padded))[: len(part)].float())
+            return torch.cat(chunks)
         chunks = []
         for start in range(0, len(pixels), self.batch_size):
             part = pixels[start : start + self.batch_size]
             self.staging[: len(part)].copy_(readonly_tensor(part))
             x = self.normalize(self.staging.to(self.device, non_blocking=True))  # the whole fixed-size batch
             with torch.autocast("cuda", dtype=self.autocast, enabled=self.autocast is not None):
-                chunks.append(self.model(x)[: len(part)])
+                chunks.append(self.run_trunk(x)[: len(part)])
             torch.cuda.current_stream().synchronize()  # the staging buffer is reused by the next chunk
         return torch.cat(chunks)
 

@@ -71,5 +71,24 @@ def test_the_engine_follows_the_device_and_what_is_installed():
     assert engine.choose("eager", "cpu", "sha256:ab") == "eager"
     with pytest.raises(ValueError, match="model.engine=onnxruntime runs on CPUs only"):
         engine.choose("onnxruntime", "cuda", "sha256:ab")
-    with pytest.raises(ValueError, match="model.engine must be one of auto, eager, onnxruntime"):
+    assert engine.choose("compile", "cpu", "") == engine.choose("compile", "cuda", "sha256:ab") == "compile"
+    with pytest.raises(ValueError, match="model.engine must be one of auto, eager, onnxruntime, compile"):
         engine.choose("tensorrt", "cpu", "sha256:ab")
+
+
+def test_compile_agrees_with_eager_on_real_photos(lite0, tmp_path, monkeypatch):
+    """torch.compile at a fixed batch of 8: the crops go through as padded calls of one shape, and inductor's
+    artefacts land in the node's cache, where the node's other actors find them."""
+    monkeypatch.setenv("IMGPIPE_CACHE", str(tmp_path))
+    pixels = photo_crops()
+    eager = Embedder(lite0, "float32", engine="eager")
+    compiled = Embedder(lite0, "float32", engine="compile", batch_size=8)
+    assert compiled.engine == "compile"
+    a, b = eager.embed(pixels), compiled.embed(pixels)
+    assert b.shape == a.shape
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    assert float(cosine.min()) >= 0.999, float(cosine.min())
+    with torch.inference_mode():
+        agreement = float((eager.model.classifier(a).argmax(1) == eager.model.classifier(b).argmax(1)).float().mean())
+    assert agreement >= 0.999, agreement
+    assert [p for p in (tmp_path / "inductor").rglob("*") if p.is_file()]  # compiled artefacts in the node's cache
