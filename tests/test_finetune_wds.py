@@ -11,6 +11,7 @@ import uuid
 import pytest
 import webdataset as wds
 from images import CLASS_COLORS, jpeg_bytes
+from test_finetune import base_config
 
 from pipeline import finetune, storage, trainsets
 from pipeline.config import build_config
@@ -57,24 +58,9 @@ def bucket(ray_session, s3) -> str:
 
 
 def config(bucket: str, output: str, **finetune_keys):
-    return build_config(
-        {
-            "model": {"backbone": "simple_cnn", "weights": "none"},
-            "augment": {"hflip": 0.5},
-            "loader": {"batch_size": 8, "shuffle_buffer": 16, "actor_cpus": 0.5, "prefetch_batches": 1},
-            "finetune": {
-                "source": f"s3://{bucket}/train/shard-{{000000..000003}}.tar",
-                "output": f"s3://{bucket}/{output}",
-                "image_size": 32,
-                "epochs": 3,
-                "num_workers": 2,
-                "cpus_per_worker": 0.5,
-                "optimizer": "adamw",
-                "lr": 0.003,
-                **finetune_keys,
-            },
-        }
-    )
+    """test_finetune's run (two workers, simple_cnn at 32 px, 3 epochs) over the train shards as a brace list."""
+    source = f"s3://{bucket}/train/shard-{{000000..000003}}.tar"
+    return build_config(base_config(bucket, output, **{"source": source, **finetune_keys}))
 
 
 def test_finetune_trains_on_foreign_shards_and_scores_their_test_shards(bucket, s3):
