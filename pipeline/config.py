@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -103,6 +103,14 @@ class ModelConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # on GPU; auto: bf16 (fp16 before Ampere); CPU: fp32
     gpu_wait_s: float = Field(default=600.0, ge=0)  # device=cuda: how long to wait for GPUs / for actors to start
     engine: Literal["auto", "eager", "onnxruntime"] = "auto"  # auto: onnxruntime on CPU when installed, else eager
+    quantize: Literal["none", "int8"] = "none"  # int8: static int8 through ONNX Runtime, CPUs only (opt-in)
+
+    @field_validator("quantize")
+    @classmethod
+    def _int8_needs_onnxruntime(cls, quantize: str, info: ValidationInfo) -> str:
+        if quantize == "int8" and info.data.get("engine") == "eager":
+            raise ValueError("int8 runs through ONNX Runtime; set model.engine to auto or onnxruntime, not eager")
+        return quantize
 
 
 SourceKind = Literal["auto", "shards", "webdataset", "imagefolder", "images"]
