@@ -3,7 +3,7 @@ bucket of images -> predictions Parquet with top-k."""
 
 from __future__ import annotations
 
-from jobs.common import parse_config, run_job, start, written_text
+from jobs.common import parse_config, run_job, start, timings_text, written_text
 from pipeline import predict, report
 
 SECTIONS = ("classify", "model", "webdataset", "storage", "ray")
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{split:>5}: {report.accuracy_text(m)}  ({m['samples']} labelled)")
     where = f"{result['output']}; rejects in {result['output']}/errors.jsonl"
     print(f"wrote predictions to {where}" if result["written"] else f"predictions already complete in {where}")
+    print(timings_text(result))
     return result
 
 

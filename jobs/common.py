@@ -13,7 +13,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from jobs import console, helptext
-from pipeline import runtime, storage
+from pipeline import runtime, startup, storage
 from pipeline.config import Config, ConfigError, dump_config, load_config
 from pipeline.errors import UserError, user_error_names
 
@@ -88,6 +88,12 @@ def plural(count: int, word: str) -> str:
 def written_text(written: int) -> str:
     """How many parts this run wrote; a resume that found everything there says so."""
     return f"{plural(written, 'part')} written this run" if written else "nothing to write: every part was there"
+
+
+def timings_text(result: dict) -> str:
+    """The run's timings, with the model actors' start-up (weights, model, engine) when actors ran."""
+    text = "timings (s): " + ", ".join(f"{k} {v:g}" for k, v in result["timings"].items())
+    return text + ("\n" + startup.describe(result["startup"]) if result["startup"].get("actors") else "")
 
 
 def run_job(job: str, fn, *args) -> object:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.common import parse_config, plural, run_job, start, written_text
+from jobs.common import parse_config, plural, run_job, start, timings_text, written_text
 from pipeline import features
 
 SECTIONS = ("features", "model", "webdataset", "storage", "ray")
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     what = f"{result['dim']}-d {cfg.features.dtype} embeddings of {cfg.model.backbone}"
     where = f"{result['output']}; rejects in {result['output']}/errors.jsonl"
     print(f"wrote {what} to {where}" if result["written"] else f"{what}, already complete in {where}")
+    print(timings_text(result))
     return result
 
 

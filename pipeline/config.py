@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline.errors import UserError
 
@@ -106,6 +106,16 @@ class ModelConfig(Section):
     gpu_wait_s: float = Field(default=600.0, ge=0)  # device=cuda: how long to wait for GPUs / for actors to start
     # auto: onnxruntime on CPU when installed, else eager; compile: torch.compile (inductor), cached per node
     engine: Literal["auto", "eager", "onnxruntime", "compile"] = "auto"
+    quantize: Literal["none", "int8"] = "none"  # int8: static int8 through ONNX Runtime, CPUs only (opt-in)
+
+    @field_validator("quantize")
+    @classmethod
+    def _int8_needs_onnxruntime(cls, quantize: str, info: ValidationInfo) -> str:
+        if quantize == "int8" and info.data.get("engine") in ("eager", "compile"):
+            raise ValueError(
+                f"int8 runs through ONNX Runtime; set model.engine to auto or onnxruntime, not {info.data['engine']}"
+            )
+        return quantize
 
 
 SourceKind = Literal["auto", "shards", "webdataset", "imagefolder", "images"]

@@ -8,6 +8,7 @@
   compiled artefacts in the node's cache (`<cache>/inductor`), so the node's other actors and later jobs load
   them instead of compiling again; the first actor compiles under a file lock. On one CPU core it beats eager
   channels-last ~2x but loses to ONNX Runtime (`bench/bench_engines.py`), so `auto` does not pick it.
+- `model.quantize=int8` (opt-in, CPUs): the export quantised to static int8 (`pipeline.quantize`).
 - `auto`: `onnxruntime` on CPU when the package is installed (`pip install imgpipe[onnx]`),
   `eager` on GPU (ONNX Runtime's CUDA provider is not part of the install) and when it is not.
 
@@ -34,6 +35,7 @@ from pipeline.errors import UserError
 log = logging.getLogger("imgpipe")
 
 ENGINES = ("auto", "eager", "onnxruntime", "compile")
+QUANTIZE = ("none", "int8")
 OPSET = 17
 
 
@@ -41,26 +43,34 @@ def onnxruntime_installed() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 
 
-def choose(requested: str, device: str, digest: str = "x") -> str:
+def choose(requested: str, device: str, digest: str = "x", quantize: str = "none") -> str:
     """The engine a plan runs: `requested` (auto | eager | onnxruntime | compile) on `device` (cpu | cuda).
     A backbone without a weights digest (random init) always runs eager: there is nothing stable
-    to key a cached export by."""
+    to key a cached export by. `quantize=int8` needs the engine to be ONNX Runtime, on CPUs."""
     if requested not in ENGINES:
         raise UserError(f"model.engine must be one of {', '.join(ENGINES)}, got {requested!r}")
+    if quantize not in QUANTIZE:
+        raise UserError(f"model.quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    what, other = ("quantize=int8", "quantize=none") if quantize == "int8" else ("engine=onnxruntime", "engine=eager")
     if device == "cuda":
-        if requested == "onnxruntime":
-            raise UserError("model.engine=onnxruntime runs on CPUs only; on GPUs use auto, eager or compile")
+        if requested == "onnxruntime" or quantize == "int8":
+            raise UserError(f"model.{what} runs on CPUs only; on GPUs set model.{other} (or model.engine=compile)")
         return "compile" if requested == "compile" else "eager"
-    if requested == "compile":
+    if requested == "compile" and quantize != "int8":
         return requested
-    if requested == "onnxruntime" and not onnxruntime_installed():
+    if (requested == "onnxruntime" or quantize == "int8") and not onnxruntime_installed():
         raise UserError(
-            "model.engine=onnxruntime needs the onnxruntime and onnx packages: pip install 'imgpipe[onnx]', "
-            "or set model.engine=eager"
+            f"model.{what} needs the onnxruntime and onnx packages: pip install 'imgpipe[onnx]', or set model.{other}"
         )
     if requested == "auto":
-        return "onnxruntime" if onnxruntime_installed() and digest else "eager"
-    return requested if digest else "eager"
+        requested = "onnxruntime" if onnxruntime_installed() else "eager"
+    engine = requested if digest else "eager"
+    if quantize == "int8" and engine != "onnxruntime":
+        why = (
+            f"model.engine={requested}" if requested in ("eager", "compile") else "random weights (model.weights=none)"
+        )
+        raise UserError(f"model.quantize=int8 runs through ONNX Runtime on pretrained weights, not with {why}")
+    return engine
 
 
 def cache_dir() -> Path:
@@ -77,6 +87,7 @@ class OnnxBackbone:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: a quantised model's unused constants are not news
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
@@ -85,8 +96,9 @@ class OnnxBackbone:
         return torch.from_numpy(self.session.run(None, {self.input: batch})[0])
 
 
-def onnx_backbone(model: torch.nn.Module, name: str, digest: str, crop: int, threads: int) -> OnnxBackbone:
-    """An ONNX Runtime session for `model` (a `models.Backbone`), exported once per node and cached."""
+def onnx_export(model: torch.nn.Module, name: str, digest: str, crop: int) -> tuple[Path, bool]:
+    """The ONNX file of `model` (a `models.Backbone`), exported once per node and cached; returns
+    (its path, whether this call exported it)."""
     from filelock import FileLock
 
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}-{digest}")[:120]
@@ -94,13 +106,19 @@ def onnx_backbone(model: torch.nn.Module, name: str, digest: str, crop: int, thr
     path = cache_dir() / "onnx" / f"{tag}-{crop}px-torch{torch_version}-opset{OPSET}.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=600):
-        if not path.exists():
-            started = time.perf_counter()
-            partial = path.with_suffix(f".{os.getpid()}.partial")
-            export(model, crop, partial)
-            partial.replace(path)  # whole or absent: a crashed export leaves no half file to load
-            log.info("engine: exported %s to ONNX in %.1f s (%s)", name, time.perf_counter() - started, path)
-    return OnnxBackbone(path, threads)
+        if path.exists():
+            return path, False
+        started = time.perf_counter()
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        export(model, crop, partial)
+        partial.replace(path)  # whole or absent: a crashed export leaves no half file to load
+        log.info("engine: exported %s to ONNX in %.1f s (%s)", name, time.perf_counter() - started, path)
+    return path, True
+
+
+def onnx_backbone(model: torch.nn.Module, name: str, digest: str, crop: int, threads: int) -> OnnxBackbone:
+    """An ONNX Runtime session for `model` (a `models.Backbone`), exported once per node and cached."""
+    return OnnxBackbone(onnx_export(model, name, digest, crop)[0], threads)
 
 
 def export(model: torch.nn.Module, crop: int, path: Path) -> None:

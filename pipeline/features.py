@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -20,16 +21,19 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline import augment, devices, placement, schema, storage
+from pipeline import augment, devices, placement, quantize, schema, storage
 from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig, WebDatasetConfig, require
+from pipeline.engine import OnnxBackbone, compiled_backbone, onnx_export
 from pipeline.engine import choose as choose_engine
-from pipeline.engine import compiled_backbone, onnx_backbone
+from pipeline.errors import UserError
 from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
 from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors, write_run_file
 from pipeline.placement import ActorPlan
 from pipeline.preprocessing import DeviceNormalizer, readonly_tensor
 from pipeline.progress import StageProgress
 from pipeline.sources import ImageSource, Unit, open_images
+from pipeline.startup import StartupClock, StartupLog
+from pipeline.startup import timings as startup_timings
 
 log = logging.getLogger("imgpipe")
 
@@ -76,22 +80,26 @@ class Embedder:
         precision: str = "fp32",
         batch_size: int = 64,
         engine: str = "eager",
+        calibration=None,
+        startup_log=None,
     ):
+        clock = StartupClock()
         torch.set_num_threads(threads)
         if isinstance(weights, Shipped):  # resolved once on the driver, shipped through the object store
             weights = weights.get()
+        clock.lap("weights")
         self.device = devices.worker_device(device == "cuda", devices.assigned_gpus())
         self.autocast = devices.autocast_dtype(precision) if self.device.type == "cuda" else None
         self.model = create_backbone(weights).to(self.device, memory_format=torch.channels_last).eval()
         self.model.requires_grad_(False)
         self.prep = weights.preprocessing
+        self.normalize = DeviceNormalizer(self.prep, self.device)
+        clock.lap("model")
         self.engine, self.run_trunk = "eager", self.model
         if engine == "onnxruntime" and self.device.type == "cpu":
-            self.engine = engine
-            self.run_trunk = onnx_backbone(
-                self.model, weights.backbone, weights.digest, self.prep.crop_size, max(1, threads)
-            )
-        self.normalize = DeviceNormalizer(self.prep, self.device)
+            self.engine = engine if calibration is None else "onnxruntime int8"
+            self.run_trunk = self.onnx_trunk(weights, max(1, threads), calibration, clock)
+            clock.lap(engine)
         self.dtype = np.dtype(dtype)
         self.batch_size, self.staging = batch_size, None
         if engine == "compile":  # one fixed batch shape, compiled now rather than on the first batch
@@ -101,15 +109,28 @@ class Embedder:
             self.run_trunk = compiled_backbone(
                 self.model, example.contiguous(memory_format=torch.channels_last), self.autocast
             )
+            clock.lap(engine)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed batch shape: the fastest kernels, tuned once
             crop = self.prep.crop_size
             self.staging = torch.empty((batch_size, crop, crop, 3), dtype=torch.uint8).pin_memory()
-        log.info(
-            "model actor on %s, %s",
-            devices.describe(self.device, precision if self.device.type == "cuda" else "fp32"),
-            self.engine,
-        )
+            clock.lap("device")
+        computed = precision if self.device.type == "cuda" else ("int8" if calibration is not None else "fp32")
+        log.info("model actor on %s, %s", devices.describe(self.device, computed), self.engine)
+        if startup_log is not None:
+            ray.get(startup_log.add.remote(clock.record()))  # waited for: the driver reads the log when the stream ends
+
+    def onnx_trunk(self, weights: ResolvedWeights, threads: int, calibration, clock: StartupClock) -> OnnxBackbone:
+        """The ONNX Runtime session: the node's cached export (made here if this actor is the node's
+        first), quantised to int8 when calibration images came (`pipeline.quantize`)."""
+        path, made = onnx_export(self.model, weights.backbone, weights.digest, self.prep.crop_size)
+        clock.notes.append("ONNX exported" if made else "ONNX export cached")
+        if calibration is not None:
+            pixels = calibration.get() if isinstance(calibration, Shipped) else calibration
+            x = self.normalize(readonly_tensor(pixels)).contiguous().numpy()
+            path, made = quantize.int8_model(path, x, quantize.calibration_digest(pixels))
+            clock.notes.append("int8 quantised" if made else "int8 cached")
+        return OnnxBackbone(path, threads)
 
     def __call__(self, batch: Batch) -> Batch:
         good = np.asarray(batch[schema.ERROR]) == ""
@@ -167,7 +188,8 @@ def model_actor_plan(
     cores = (os.cpu_count() or 1) if single_node else None
     batches = math.ceil(rows / batch_size) if rows is not None else None
     plan = placement.plan_actors(model_cfg, requested, batches, cores, cpu_only)
-    plan = replace(plan, engine=choose_engine(model_cfg.engine, plan.device, digest))
+    engine = choose_engine(model_cfg.engine, plan.device, digest, model_cfg.quantize)
+    plan = replace(plan, engine=engine, precision="int8" if model_cfg.quantize == "int8" else plan.precision)
     where = "CPU-only nodes" if plan.cpu_selector else "any node"
     log.info(
         "plan: %s; %s, batch %d; reads + decode: tasks of 1 CPU on %s",
@@ -190,9 +212,10 @@ def stream_units(
     decode_batch: int,
     sink: PartSink,
     stage: str = "features",
-) -> None:
+) -> dict:
     """Read `units`, decode on tasks, run `actor` on an actor pool per `plan`, and feed the sink;
-    the `stage`'s progress goes to the log off a terminal (`pipeline.progress`)."""
+    the `stage`'s progress goes to the log off a terminal (`pipeline.progress`). Returns the model
+    actors' start-up (`startup.summarize`)."""
     # A unit is read as one block (up to a whole shard); cut it into decode-sized blocks, so that
     # decoding spreads over tasks and the model actors start on the first batch, not the last.
     cpu_work = plan.cpu_remote_args
@@ -207,6 +230,7 @@ def stream_units(
         "precision": plan.precision,
         "batch_size": batch_size,
         "engine": plan.engine,
+        "startup_log": StartupLog.remote(),
     }
     ds = ds.map_batches(
         actor,
@@ -227,6 +251,32 @@ def stream_units(
         sink.add(batch)
         progress.update(len(batch[schema.KEY]))
     sink.close()
+    return ray.get(kwargs["startup_log"].summary.remote())
+
+
+def calibration_kwargs(plan: ActorPlan, source: ImageSource, prep) -> dict:
+    """The model actors' `calibration` argument: with int8, the first `quantize.CALIBRATION_IMAGES`
+    decodable images of `source` as the model sees them (uint8 NHWC), read here in unit order, so
+    that a resumed run calibrates on the same images; shipped through the object store."""
+    if plan.precision != "int8":
+        return {}
+    rows = source.head_rows(2 * quantize.CALIBRATION_IMAGES)
+    pixels = np.zeros((0,))
+    if rows:
+        batch = {c: np.asarray([r[c] for r in rows], dtype=object) for c in (schema.KEY, schema.IMAGE, schema.ERROR)}
+        decoded = augment.build_eval_transform(prep)(batch)
+        pixels = decoded[schema.PIXELS][decoded[schema.ERROR] == ""]
+    if not len(pixels):
+        raise UserError(
+            f"model.quantize=int8 calibrates on the input's first images, and none of the first {len(rows)} "
+            f"of {source.location.uri} decodes"
+        )
+    log.info(
+        "int8: calibrating on the first %d images of %s",
+        min(len(pixels), quantize.CALIBRATION_IMAGES),
+        source.location.uri,
+    )
+    return {"calibration": Shipped.put(np.ascontiguousarray(pixels[: quantize.CALIBRATION_IMAGES]))}
 
 
 # ---------------------------------------------------------------- the features job
@@ -294,6 +344,7 @@ def run(
 ) -> dict:
     """Embed `cfg.source` into `cfg.output`, writing only missing parts; returns the counts.
     Ray must be connected. `checked`: what `check` returned, when the caller checked first."""
+    started = time.perf_counter()
     checked = checked or check(model_cfg, cfg, storage_cfg, wds_cfg)
     full, source, out, weights, dim = checked.full, checked.source, checked.out, checked.weights, checked.dim
     cpu_only = "features.cpu_only_nodes" if cfg.cpu_only_nodes else None
@@ -316,13 +367,16 @@ def run(
         len(todo),
         len(source.units) - len(todo),
     )
+    startup = {"actors": 0}
     if todo:
         write_run_file(out, RUN_FILE, identity, None, every)
         sink = PartSink(out, todo, features_table(dim, cfg.dtype), metadata)
-        stream_units(
-            source, todo, weights, Embedder, {"dtype": cfg.dtype}, plan, cfg.batch_size, cfg.decode_batch, sink
+        actor_kwargs = {"dtype": cfg.dtype, **calibration_kwargs(plan, full, weights.preprocessing)}
+        startup = stream_units(
+            source, todo, weights, Embedder, actor_kwargs, plan, cfg.batch_size, cfg.decode_batch, sink
         )
     result = verify_parts(out, every)
     write_errors(out, result["rejects"])
     write_run_file(out, RUN_FILE, identity, {**result, "written": len(todo), "dim": dim}, every)
-    return {**result, "written": len(todo), "dim": dim, "output": out.uri}
+    timings = {"features (this run)": round(time.perf_counter() - started, 1), **startup_timings(startup)}
+    return {**result, "written": len(todo), "dim": dim, "output": out.uri, "startup": startup, "timings": timings}

@@ -19,12 +19,20 @@ import torch
 from pipeline import gallery, report, runreport, schema, storage
 from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig, WebDatasetConfig, require
 from pipeline.errors import UserError
-from pipeline.features import Embedder, Shipped, model_actor_plan, origin_columns, stream_units
+from pipeline.features import (
+    Embedder,
+    Shipped,
+    calibration_kwargs,
+    model_actor_plan,
+    origin_columns,
+    stream_units,
+)
 from pipeline.heads import create_head, load_head
 from pipeline.models import ResolvedWeights, resolve_weights
 from pipeline.parts import Batch, PartSink, plan_run, read_parts, verify_parts, write_errors, write_run_file
 from pipeline.preprocessing import Preprocessing
 from pipeline.sources import ImageSource, open_images
+from pipeline.startup import timings as startup_timings
 
 log = logging.getLogger("imgpipe")
 
@@ -207,15 +215,17 @@ def run(
         len(source.units),
         len(todo),
     )
+    startup = {"actors": 0}
     if todo:
         write_run_file(out, RUN_FILE, identity, None, every)
         sink = PartSink(out, todo, predictions_table(classes, label_map), metadata)
-        stream_units(
+        head_kwargs = {"head": Shipped.put(head) if head else None, "top_k": k}
+        startup = stream_units(
             source,
             todo,
             weights,
             Classifier,
-            {"head": Shipped.put(head) if head else None, "top_k": k},
+            {**head_kwargs, **calibration_kwargs(plan, full, weights.preprocessing)},
             plan,
             cfg.batch_size,
             cfg.decode_batch,
@@ -233,9 +243,10 @@ def run(
             ),
         )
     write_run_file(out, RUN_FILE, identity, {**result, "written": len(todo)}, every)
-    summary = {**result, "written": len(todo), "output": out.uri, "model": model_name}
+    timings = {"classify (this run)": round(time.perf_counter() - started, 1), **startup_timings(startup)}
+    summary = {**result, "written": len(todo), "output": out.uri, "model": model_name, "startup": startup}
+    summary["timings"] = timings
     if result["metrics"]:
-        timings = {"classify (this run)": round(time.perf_counter() - started, 1)}
         config = {"model": model_cfg.model_dump(mode="json"), "classify": cfg.model_dump(mode="json")}
         summary["report"] = write_report(out, summary, config, timings, storage_cfg).uri
     return summary

@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import posixpath
 import tarfile
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import ray
 
@@ -83,16 +84,26 @@ class ImageSource:
         if not units:
             raise UserError(f"{self.location.uri}: nothing to read (no units selected)")
         # Each item carries its own unit, so a task receives only the paths it reads.
-        items = [
-            {"name": u.name, "paths": list(u.paths), "labels": list(u.labels), "keys": list(u.keys)} for u in units
-        ]
+        items = [_read_item(u) for u in units]
+        return ray.data.from_items(items, override_num_blocks=len(units)).flat_map(self._reader(), **ray_remote_args)
+
+    def head_rows(self, count: int) -> list[dict]:
+        """The first `count` rows of the source in unit order, read here, without Ray: a small sample
+        that is the same on every call (int8's calibration images, say)."""
+        rows: list[dict] = []
+        read = self._reader()
+        for unit in self.units:
+            rows += itertools.islice(read(_read_item(unit)), count - len(rows))
+            if len(rows) >= count:
+                break
+        return rows
+
+    def _reader(self) -> Callable[[dict], Iterator[dict]]:
         loc = self.location
         if self.kind == "webdataset":
-            read = functools.partial(webshards.read_shard, fs=loc.fs, uri=loc.uri, root=loc.path, rules=self.labels)
-        else:
-            reader = _read_shard if self.kind == "shards" else _read_files
-            read = functools.partial(reader, fs=loc.fs, uri=loc.uri, root=loc.path)
-        return ray.data.from_items(items, override_num_blocks=len(units)).flat_map(read, **ray_remote_args)
+            return functools.partial(webshards.read_shard, fs=loc.fs, uri=loc.uri, root=loc.path, rules=self.labels)
+        reader = _read_shard if self.kind == "shards" else _read_files
+        return functools.partial(reader, fs=loc.fs, uri=loc.uri, root=loc.path)
 
     @property
     def count(self) -> int:
@@ -218,6 +229,10 @@ def _raw_source(loc, kind, classes, inputs: list, chunk_size: int) -> ImageSourc
             )
         )
     return ImageSource(loc, kind, classes, tuple(units))
+
+
+def _read_item(unit: Unit) -> dict:
+    return {"name": unit.name, "paths": list(unit.paths), "labels": list(unit.labels), "keys": list(unit.keys)}
 
 
 def _chunk_digest(chunk: list) -> str:

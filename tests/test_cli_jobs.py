@@ -39,6 +39,9 @@ def test_features_train_head_classify_through_the_cli(tmp_path):
         imgpipe("features", "--set", f"features.source={tmp_path / 'train'}", "--set", f"features.output={feats}")
     )
     assert "inputs 36 = embedded 36 + rejected 0; 1 part written this run" in lines
+    timings = next(line for line in lines if line.startswith("timings (s): features (this run) "))
+    assert "model actors: first ready, from the stage's start" in timings, lines
+    assert any(line.startswith("model actor start-up") and "onnxruntime" in line for line in lines), lines
     saved = yaml.safe_load((feats / "config.yaml").read_text())
     assert saved["features"]["source"] == str(tmp_path / "train") and saved["model"]["engine"] == "auto"
 
@@ -65,6 +68,7 @@ def test_features_train_head_classify_through_the_cli(tmp_path):
 
     again = ok(imgpipe("classify", *args))
     assert "inputs 8 = classified 8 + rejected 0; nothing to write: every part was there" in again[1]
+    assert not any(line.startswith("model actor start-up") for line in again)  # no actors: nothing to start
     changed = imgpipe("classify", *args, "--set", "classify.top_k=2")
     assert changed.returncode == 1 and "classify.overwrite=true" in changed.stderr.strip().splitlines()[-1]
     replaced = ok(imgpipe("classify", *args, "--set", "classify.top_k=2", "--set", "classify.overwrite=true"))

@@ -1,0 +1,41 @@
+"""Model actors' start-up in the job's timings: the first actor ready and the slowest load, with phases."""
+
+from __future__ import annotations
+
+from pipeline import startup
+
+
+def record(entered_at: float, weights: float, model: float, engine: float, notes=()) -> dict:
+    return {
+        "entered_at": entered_at,
+        "phases": {"weights": weights, "model": model, "onnxruntime": engine},
+        "notes": list(notes),
+    }
+
+
+def test_the_first_ready_and_the_slowest_load():
+    records = [
+        record(100.0, 0.1, 0.4, 6.0, ["ONNX exported"]),  # entered first, but exported: ready at 106.5
+        record(101.0, 0.1, 0.5, 0.4, ["ONNX export cached"]),  # ready at 102.0: the first ready
+    ]
+    summary = startup.summarize(records, started_at=98.0)
+    assert summary["actors"] == 2
+    assert summary["first_ready_s"] == 4.0 and summary["first"]["before_constructor_s"] == 3.0
+    assert summary["slowest_load_s"] == 6.5 and summary["slowest"]["notes"] == ["ONNX exported"]
+    assert startup.timings(summary) == {
+        "model actors: first ready, from the stage's start": 4.0,
+        "model actors: slowest load (weights, model, engine)": 6.5,
+    }
+    line = startup.describe(summary)
+    assert line.startswith("model actor start-up (2 actors): the first ready 4.0 s after the stage began")
+    assert "the slowest load 6.5 s (weights 0.1, model 0.4, onnxruntime 6.0; ONNX exported)" in line
+
+
+def test_no_actors_no_entries():
+    assert startup.summarize([], started_at=1.0) == {"actors": 0}
+    assert startup.timings({"actors": 0}) == {}
+    one = startup.summarize([record(10.0, 0.2, 0.3, 0.5)], started_at=8.0)
+    assert startup.describe(one) == (
+        "model actor start-up: ready 3.0 s after the stage began "
+        "(scheduling, process start, imports 2.0, weights 0.2, model 0.3, onnxruntime 0.5)"
+    )
