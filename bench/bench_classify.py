@@ -6,6 +6,7 @@
       -> `map_batches(model actor class, concurrency=2, batch_size=32)`, fp32 NCHW eager PyTorch
       -> `write_parquet`; the same weights (EfficientNet-Lite0, ImageNet, from the pip package)
   (c) imgpipe classify, `model.engine=eager`
+  (d) imgpipe classify, `model.engine=auto` with `model.quantize=int8` (static int8, pipeline/quantize.py)
 
 on generated photo-like JPEGs (500x375, quality 90), read from local disk and from a local S3
 server (moto, over HTTP). Every run is a fresh Python process, clocked two ways: whole-process
@@ -16,10 +17,12 @@ embedded Ray: 4 logical CPUs on this machine's cores (the sizing imgpipe uses, s
 docs/ARCHITECTURE.md section 6; with only 2 logical CPUs the documented pattern leaves no CPU to
 its read tasks and waits for ever). Variants run interleaved, round after round, so that other
 load on the machine hits them all alike; medians are compared. Top-1 agreement of (a) and (c)
-with (b), matched by file, is printed too. Target: (a)/(b) >= 2.0 whole-process at >= 2,000 images.
+with (b), matched by file, is printed too, and (d)'s with (a): what int8 changes on these images. Before the
+rounds, int8's cost against fp32 on real photographs (embedding cosine, top-1 agreement; tests/photos.py) is
+measured in-process and printed. Target: (a)/(b) >= 2.0 whole-process at >= 2,000 images.
 
     .venv/bin/python bench/bench_classify.py                       # 1,000 and 2,000 images, ~15 min
-    .venv/bin/python bench/bench_classify.py --counts 2000 --sources local --rounds 3
+    .venv/bin/python bench/bench_classify.py --counts 500,2000 --sources local --rounds 3
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ VARIANTS = {
     "a": "imgpipe classify, engine auto",
     "b": "Ray's documented pattern, by hand",
     "c": "imgpipe classify, engine eager",
+    "d": "imgpipe classify, engine auto, int8",
 }
+MODELS = {"a": ("auto", "none"), "c": ("eager", "none"), "d": ("auto", "int8")}  # (engine, quantize)
 LOGICAL_CPUS = 4
 
 
@@ -66,6 +71,7 @@ def main() -> None:
 
     counts = [int(c) for c in args.counts.split(",")]
     sources = args.sources.split(",")
+    print_int8_cost()
     work = Path(tempfile.mkdtemp(prefix="bench-classify-"))
     try:
         roots = make_sets(work, counts)
@@ -111,20 +117,20 @@ def child(variant: str, src: str, out: str) -> None:
 
     ray.init(num_cpus=LOGICAL_CPUS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     started = time.perf_counter()
-    top1 = classify_imgpipe(src, out, "auto" if variant == "a" else "eager") if variant != "b" else by_hand(src, out)
+    top1 = classify_imgpipe(src, out, *MODELS[variant]) if variant != "b" else by_hand(src, out)
     pipeline = time.perf_counter() - started
     ray.shutdown()
     print(json.dumps({"pipeline_s": pipeline, "top1": top1}))
 
 
-def classify_imgpipe(src: str, out: str, engine: str) -> dict:
+def classify_imgpipe(src: str, out: str, engine: str, quantize: str) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline import predict
     from pipeline.config import ClassifyConfig, ModelConfig, StorageConfig
 
     cfg = ClassifyConfig(source=src, output=out, source_kind="images", top_k=1, batch_size=32)
-    predict.run(ModelConfig(engine=engine), cfg, StorageConfig())
+    predict.run(ModelConfig(engine=engine, quantize=quantize), cfg, StorageConfig())
     parts = sorted(Path(out).rglob("part-*.parquet"))
     return {r["key"]: r["pred"] for p in parts for r in pq.read_table(p, columns=["key", "pred"]).to_pylist()}
 
@@ -193,9 +199,24 @@ def report(cases, seconds: dict, tops: dict) -> None:
                 f"  ({v}) {name:36s} {whole:6.1f} s / {pipe:6.1f} s   "
                 f"x{med['b'][0] / whole:4.2f} / x{med['b'][1] / pipe:4.2f}   top-1 agreement with (b) {agree}"
             )
+        int8_agree = top1_agreement(tops[(n, source, "d")], tops[(n, source, "a")])
+        print(f"  (d)/(a) whole-process x{med['a'][0] / med['d'][0]:.2f}; top-1 agreement of (d) with (a) {int8_agree}")
         ratio = med["b"][0] / med["a"][0]
         verdict = ("met" if ratio >= TARGET else "MISSED") if n >= 2000 else "(the target is for >= 2,000 images)"
         print(f"  (a)/(b) whole-process x{ratio:.2f}: target >= {TARGET} at >= 2,000 images {verdict}")
+
+
+def print_int8_cost() -> None:
+    """int8 against fp32 (both ONNX Runtime) on real photographs, calibrated on the first 32."""
+    from photos import compare, describe, photo_crops
+
+    from pipeline.features import Embedder
+    from pipeline.models import resolve_weights
+
+    weights, pixels = resolve_weights("efficientnet_lite0", "DEFAULT"), photo_crops()
+    fp32 = Embedder(weights, "float32", engine="onnxruntime")
+    int8 = Embedder(weights, "float32", engine="onnxruntime", precision="int8", calibration=pixels[:32])
+    print(f"int8 against fp32 on real photographs, {describe(compare(fp32, int8, pixels))}")
 
 
 def top1_agreement(ours: dict, theirs: dict) -> str:

@@ -118,7 +118,10 @@ class Embedder:
         computed = precision if self.device.type == "cuda" else ("int8" if calibration is not None else "fp32")
         log.info("model actor on %s, %s", devices.describe(self.device, computed), self.engine)
         if startup_log is not None:
-            ray.get(startup_log.add.remote(clock.record()))  # waited for: the driver reads the log when the stream ends
+            try:  # waited for: the driver reads the log when the stream ends
+                ray.get(startup_log.add.remote(clock.record()))
+            except ray.exceptions.RayError as exc:  # bookkeeping: never the reason an actor fails
+                log.warning("model actor: start-up not recorded (%s)", exc)
 
     def onnx_trunk(self, weights: ResolvedWeights, threads: int, calibration, clock: StartupClock) -> OnnxBackbone:
         """The ONNX Runtime session: the node's cached export (made here if this actor is the node's
