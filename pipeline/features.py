@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline import augment, devices, placement, quantize, schema, storage
+from pipeline import augment, devices, placement, quantize, schema, startup, storage
 from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig, WebDatasetConfig, require
 from pipeline.engine import OnnxBackbone, compiled_backbone, onnx_export
 from pipeline.engine import choose as choose_engine
@@ -32,7 +32,7 @@ from pipeline.placement import ActorPlan
 from pipeline.preprocessing import DeviceNormalizer, readonly_tensor
 from pipeline.progress import StageProgress
 from pipeline.sources import ImageSource, Unit, open_images
-from pipeline.startup import StartupClock, StartupLog
+from pipeline.startup import StartupClock
 from pipeline.startup import timings as startup_timings
 
 log = logging.getLogger("imgpipe")
@@ -233,7 +233,7 @@ def stream_units(
         "precision": plan.precision,
         "batch_size": batch_size,
         "engine": plan.engine,
-        "startup_log": StartupLog.remote(),
+        "startup_log": startup.new_log(),
     }
     ds = ds.map_batches(
         actor,
@@ -254,7 +254,7 @@ def stream_units(
         sink.add(batch)
         progress.update(len(batch[schema.KEY]))
     sink.close()
-    return ray.get(kwargs["startup_log"].summary.remote())
+    return startup.read(kwargs["startup_log"])
 
 
 def calibration_kwargs(plan: ActorPlan, source: ImageSource, prep) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
 class StartupClock:
@@ -42,6 +43,22 @@ class StartupLog:
         return summarize(self.records, self.started_at)
 
 
+def new_log():
+    """A `StartupLog` on the driver's own node: a worker node lost mid-job (its actors are restarted
+    elsewhere) must not take the log, and the job's summary with it, down."""
+    here = ray.get_runtime_context().get_node_id()
+    return StartupLog.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+
+
+def read(log) -> dict:
+    """The log's summary; a log that did not survive (its node lost all the same) is reported, not raised:
+    start-up timings are bookkeeping, never the reason a job fails."""
+    try:
+        return ray.get(log.summary.remote())
+    except ray.exceptions.RayError as exc:
+        return {"actors": 0, "lost": type(exc).__name__}
+
+
 def summarize(records: list[dict], started_at: float) -> dict:
     """The actor count, the first actor ready (from the model stage's start: scheduling, process start
     and imports included) and the slowest constructor, each with its phases."""
@@ -74,6 +91,8 @@ def timings(summary: dict) -> dict[str, float]:
 
 def describe(summary: dict) -> str:
     """One line for the console: how long the model actors took to start, and on what."""
+    if summary.get("lost"):
+        return f"model actor start-up: not recorded (the log was lost: {summary['lost']})"
     if not summary.get("actors"):
         return "model actors: none started (nothing to write)"
     first, slowest = summary["first"], summary["slowest"]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from pipeline import startup
 
 
@@ -39,3 +43,20 @@ def test_no_actors_no_entries():
         "model actor start-up: ready 3.0 s after the stage began "
         "(scheduling, process start, imports 2.0, weights 0.2, model 0.3, onnxruntime 0.5)"
     )
+
+
+@pytest.mark.timeout(60)
+def test_the_log_lives_on_the_drivers_node_and_a_lost_log_never_fails_the_job(ray_session):
+    import ray
+
+    log = startup.new_log()
+    log.add.remote({"entered_at": time.time(), "phases": {"weights": 0.1}, "notes": []})
+    assert startup.read(log)["actors"] == 1
+    node = ray.get(log.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+    assert node == ray.get_runtime_context().get_node_id()  # not on a worker node that may be lost
+
+    ray.kill(log)
+    lost = startup.read(log)
+    assert lost == {"actors": 0, "lost": "ActorDiedError"}
+    assert startup.timings(lost) == {}
+    assert startup.describe(lost) == "model actor start-up: not recorded (the log was lost: ActorDiedError)"
