@@ -53,9 +53,10 @@ def parse_config(job: str, description: str, argv: list[str] | None, sections: t
         sys.exit(f"imgpipe {job}: {exc}")
 
 
-def start(job: str, cfg: Config, output: str, key: str) -> storage.Location:
+def start(job: str, cfg: Config, output: str, key: str, uses_ray: bool = True) -> storage.Location:
     """Check the output (config key `key`) can be written, without creating it; connect to Ray (a cluster
-    within ray.connect_timeout_s); write the resolved config there. Call it after the job's own checks."""
+    within ray.connect_timeout_s) when the job `uses_ray`; write the resolved config there. Call it after
+    the job's own checks."""
     if not output:
         sys.exit(f"imgpipe {job}: no output given; set {key} (a local path or s3:// / gs:// URI)")
     try:
@@ -63,9 +64,12 @@ def start(job: str, cfg: Config, output: str, key: str) -> storage.Location:
         storage.check_writable(out)
         # Quiet: what Ray workers print (stderr of tasks and actors) stays in Ray's log files.
         log_to_driver = console.verbosity() != "quiet"
-        if console.verbosity() != "verbose" and not ray.is_initialized():  # a process of its own, not a test's
+        if uses_ray and console.verbosity() != "verbose" and not ray.is_initialized():  # not in a test's process
             console.drop_native_noise()
-        runtime.connect(cfg.ray, log_to_driver=log_to_driver, on_timeout=lambda message: _end(job, message))
+        if uses_ray:
+            runtime.connect(cfg.ray, log_to_driver=log_to_driver, on_timeout=lambda message: _end(job, message))
+        elif cfg.ray.address:
+            log.info("%s runs in this process alone: no Ray is joined (ray.address is not used)", job)
         storage.write_bytes(out.join("config.yaml"), dump_config(cfg).encode())
     except (storage.StorageError, runtime.ClusterUnreachable) as exc:
         sys.exit(f"imgpipe {job}: {exc}")

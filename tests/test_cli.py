@@ -254,19 +254,3 @@ def test_a_quiet_run_prints_nothing_to_stderr(tmp_path):
     assert (again.returncode, again.stderr) == (0, "")
     assert "inputs 8 = embedded 8 + rejected 0; nothing to write: every part was there" in again.stdout
     assert f"embeddings of efficientnet_lite0, already complete in {tmp_path / 'out'};" in again.stdout
-    # Another run's output is refused with the full dotted key to override it.
-    other = imgpipe(
-        "features",
-        "-q",
-        "--set",
-        f"features.source={tmp_path / 'raw'}",
-        "--set",
-        f"features.output={tmp_path / 'out'}",
-        "--set",
-        "ray.num_cpus=4",
-        "--set",
-        "features.dtype=float32",
-        timeout=280,
-    )
-    assert other.returncode == 1
-    assert one_line(other).endswith("choose a new output, delete the old one, or set features.overwrite=true")

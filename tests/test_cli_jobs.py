@@ -1,8 +1,9 @@
 """features -> train-head -> classify as a user runs them: each job a subprocess of `imgpipe`, on an
-ImageFolder, with the printed summaries, exit codes and the config.yaml beside each output checked;
-then classify over a folder whose classes differ from the head's (reordered, one missing, one the
-head never saw), its resume, a changed run refused and then replaced with overwrite, and a missing
-source failing in one line."""
+ImageFolder (features on an embedded Ray sized by ray.num_cpus, train-head with no Ray at all), with the
+printed summaries, exit codes and the config.yaml beside each output checked; then classify over a folder
+whose classes differ from the head's (reordered, one missing, one the head never saw). In this process:
+classify's resume, a changed run refused and then replaced with overwrite, and a missing source failing
+in one line."""
 
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ def test_features_train_head_classify_through_the_cli(tmp_path):
     write_imagefolder(tmp_path / "train", {"a": 12, "b": 12, "c": 12})
     feats, head, preds = tmp_path / "feats", tmp_path / "head", tmp_path / "preds"
 
-    lines = ok(
-        imgpipe("features", "--set", f"features.source={tmp_path / 'train'}", "--set", f"features.output={feats}")
-    )
+    source = f"features.source={tmp_path / 'train'}"
+    embedded = imgpipe("features", "--set", source, "--set", f"features.output={feats}", "--set", "ray.num_cpus=3")
+    lines = ok(embedded)
+    assert "started an embedded local Ray: 3 logical CPUs on " in embedded.stderr  # no address: embedded, as set
     assert "inputs 36 = embedded 36 + rejected 0; 1 part written this run" in lines
     timings = next(line for line in lines if line.startswith("timings (s): features (this run) "))
     assert "model actors: first ready, from the stage's start" in timings, lines
@@ -45,7 +47,9 @@ def test_features_train_head_classify_through_the_cli(tmp_path):
     saved = yaml.safe_load((feats / "config.yaml").read_text())
     assert saved["features"]["source"] == str(tmp_path / "train") and saved["model"]["engine"] == "auto"
 
-    lines = ok(imgpipe("train-head", "--set", f"head.features={feats}", "--set", f"head.output={head}"))
+    trained = imgpipe("train-head", "--set", f"head.features={feats}", "--set", f"head.output={head}")
+    lines = ok(trained)
+    assert "Ray" not in trained.stderr  # one process: no Ray started for a head
     assert lines[0].startswith("linear head: best epoch ") and any(line.startswith("  val: top-1 ") for line in lines)
     assert yaml.safe_load((head / "config.yaml").read_text())["head"]["features"] == str(feats)
 
@@ -66,17 +70,33 @@ def test_features_train_head_classify_through_the_cli(tmp_path):
     assert by_folder["d"]["pred_class"] == "a"  # a's pictures, in a folder the head does not know
     assert all(Path(r["source"]).is_file() and r["member"] == "" for r in rows)
 
-    again = ok(imgpipe("classify", *args))
-    assert "inputs 8 = classified 8 + rejected 0; nothing to write: every part was there" in again[1]
-    assert not any(line.startswith("model actor start-up") for line in again)  # no actors: nothing to start
-    changed = imgpipe("classify", *args, "--set", "classify.top_k=2")
-    assert changed.returncode == 1 and "classify.overwrite=true" in changed.stderr.strip().splitlines()[-1]
-    replaced = ok(imgpipe("classify", *args, "--set", "classify.top_k=2", "--set", "classify.overwrite=true"))
-    assert "inputs 8 = classified 8 + rejected 0; 1 part written this run" in replaced
-    assert all(len(r["topk"]) == 2 for p in preds.rglob("part-*.parquet") for r in pq.read_table(p).to_pylist())
 
-    missing = imgpipe("classify", "-q", "--set", f"classify.source={tmp_path / 'nothing'}", *args[2:])
-    assert missing.returncode == 1
-    assert missing.stderr.strip().splitlines() == [
-        f"imgpipe classify: {tmp_path / 'nothing'}: no such file or prefix; check the path"
-    ]
+def test_classify_resumes_refuses_another_run_and_replaces_it_with_overwrite(ray_session, tmp_path, capsys):
+    """The same `imgpipe classify` in this process (the session's Ray is joined, not started), so that
+    the checks that need no fresh process cost no Ray start each."""
+    from jobs import classify as classify_job
+
+    write_imagefolder(tmp_path / "new", {"a": 3, "b": 3})
+    preds = tmp_path / "preds"
+    args = ["--set", f"classify.source={tmp_path / 'new'}", "--set", f"classify.output={preds}"]
+
+    def run(*extra: str) -> list[str]:
+        capsys.readouterr()
+        classify_job.main([*args, *extra])
+        return capsys.readouterr().out.splitlines()
+
+    assert "inputs 6 = classified 6 + rejected 0; 1 part written this run" in run()
+    again = run()
+    assert "inputs 6 = classified 6 + rejected 0; nothing to write: every part was there" in again
+    assert f"predictions already complete in {preds}; rejects in {preds}/errors.jsonl" in again
+    assert not any(line.startswith("model actor start-up") for line in again)  # no actors: nothing to start
+    with pytest.raises(SystemExit) as changed:
+        run("--set", "classify.top_k=2")
+    assert str(changed.value).startswith("imgpipe classify: ") and "classify.overwrite=true" in str(changed.value)
+    assert "inputs 6 = classified 6 + rejected 0; 1 part written this run" in run(
+        "--set", "classify.top_k=2", "--set", "classify.overwrite=true"
+    )
+    assert all(len(r["topk"]) == 2 for p in preds.rglob("part-*.parquet") for r in pq.read_table(p).to_pylist())
+    with pytest.raises(SystemExit) as missing:
+        run("--set", f"classify.source={tmp_path / 'nothing'}")
+    assert str(missing.value) == f"imgpipe classify: {tmp_path / 'nothing'}: no such file or prefix; check the path"

@@ -32,7 +32,7 @@ def base_config(bucket: str, output: str, **finetune_keys) -> dict:
             "source": f"s3://{bucket}/prepared",
             "output": f"s3://{bucket}/{output}",
             "image_size": 32,
-            "epochs": 3,
+            "epochs": 2,
             "num_workers": 2,
             "cpus_per_worker": 0.5,
             "optimizer": "adamw",
@@ -83,13 +83,14 @@ def digest(s3, bucket: str, key: str) -> str:
 @pytest.mark.timeout(RAY_TIMEOUT)
 def test_two_workers_learn_checkpoint_to_the_bucket_and_export(baseline, colours, s3):
     history = baseline["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["epoch"] for h in history] == [1, 2]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert baseline["val"]["top1"] >= 0.9 and baseline["test"]["top1"] >= 0.9  # chance is 1/3
     assert all(h["images_per_s"] > 0 and 0 <= h["data_wait"] <= 1 for h in history)
     listed = keys(s3, colours, "baseline/")
-    checkpoints = {k.split("/")[3] for k in listed if k.startswith("baseline/ray/train/checkpoint_")}
-    assert 1 <= len(checkpoints) <= 3  # the best 2 by val loss, and the latest
+    folders = [k.split("/")[3] for k in listed if k.startswith("baseline/ray/train/") and k.count("/") > 3]
+    checkpoints = {name for name in folders if name.startswith("checkpoint_")}
+    assert len(checkpoints) == 2  # the best 2 by val loss (of 2 epochs), the latest among them
     for name in ("model.pt", "model.json", "metrics.json", "curves.png", "confusion.png", "run.json"):
         assert f"baseline/{name}" in listed
     sidecar = json.loads(s3.get_object(Bucket=colours, Key="baseline/model.json")["Body"].read())
@@ -128,12 +129,12 @@ def test_a_worker_fault_mid_epoch_is_recovered_with_the_same_final_weights(
     baseline, colours, s3, tmp_path, monkeypatch
 ):
     marker = tmp_path / "fault-fired"
-    # Rank 1 raises once at the last batch of epoch 2; mid-epoch checkpoints every step mean the
+    # Rank 1 raises once at the middle batch of epoch 2 (the last); mid-epoch checkpoints every step mean the
     # run resumes inside the epoch, on a fresh worker group.
-    monkeypatch.setenv(finetune.FAULT_ENV, f"1:2:1:{marker}")
+    monkeypatch.setenv(finetune.FAULT_ENV, f"1:1:1:{marker}")
     result = finetune.run(build_config(base_config(colours, "faulty", checkpoint_every_steps=1)))
     assert marker.exists()
-    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert [h["val_loss"] for h in result["history"]] == [h["val_loss"] for h in baseline["history"]]
     assert digest(s3, colours, "faulty/model.pt") == digest(s3, colours, "baseline/model.pt")
 

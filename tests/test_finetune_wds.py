@@ -58,7 +58,7 @@ def bucket(ray_session, s3) -> str:
 
 
 def config(bucket: str, output: str, **finetune_keys):
-    """test_finetune's run (two workers, simple_cnn at 32 px, 3 epochs) over the train shards as a brace list."""
+    """test_finetune's run (two workers, simple_cnn at 32 px, 2 epochs) over the train shards as a brace list."""
     source = f"s3://{bucket}/train/shard-{{000000..000003}}.tar"
     return build_config(base_config(bucket, output, **{"source": source, **finetune_keys}))
 
@@ -66,7 +66,7 @@ def config(bucket: str, output: str, **finetune_keys):
 def test_finetune_trains_on_foreign_shards_and_scores_their_test_shards(bucket, s3):
     cfg = config(bucket, "run", val_source=f"s3://{bucket}/val/", test_source=f"s3://{bucket}/test/test-*.tar")
     result = finetune.run(cfg)
-    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert result["val"]["samples"] == 14  # 12 + 3, less the sample labelled 7
     assert result["val"]["top1"] >= 0.9 and result["test"]["top1"] >= 0.9 and result["test"]["samples"] == 12
     sidecar = json.loads(s3.get_object(Bucket=bucket, Key="run/model.json")["Body"].read())

@@ -1,4 +1,4 @@
-"""Runtime: the same job runs on an embedded local Ray or joins a cluster given by --address or RAY_ADDRESS."""
+"""Runtime: a job joins a cluster given by --address or RAY_ADDRESS (the embedded default is in test_cli_jobs)."""
 
 from __future__ import annotations
 
@@ -28,14 +28,6 @@ def run_prepare(src: Path, out: Path, *extra: str, env: dict | None = None) -> s
         *extra,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=180, env=env or _env())
-
-
-def test_embedded_by_default(tmp_path):
-    write_imagefolder(tmp_path / "raw", {"a": 3, "b": 3})
-    proc = run_prepare(tmp_path / "raw", tmp_path / "out", "--set", "ray.num_cpus=2")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "started an embedded local Ray: 2 logical CPUs on " in proc.stderr
-    assert "inputs 6 = samples 6 + rejected 0" in proc.stdout
 
 
 @pytest.mark.timeout(360)  # a head and three drivers, on a loaded 2-core machine
