@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from pipeline import storage
@@ -82,6 +81,8 @@ def write_shard(
         read = list(pool.map(lambda item: _read_input(item, src_fs, images), plan.inputs))
     # Checked in this thread: the decoders' warnings are caught per file (Python's warning filters are global).
     checked = [_check_sample(item, data, reason, max_pixels) for item, (data, reason) in zip(plan.inputs, read)]
+    import webdataset as wds  # here, not at the top: the package imports torch, which a failing check never needs
+
     buf = io.BytesIO()
     samples, rejects, per_class = 0, [], {}
     with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:

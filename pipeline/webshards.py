@@ -22,7 +22,6 @@ from typing import Iterator
 
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from pipeline import schema, storage
 from pipeline.config import IMAGE_EXTENSIONS, StorageConfig, WebDatasetConfig
@@ -215,6 +214,8 @@ def read_shard(unit: dict, *, fs, uri: str, root: str, rules: LabelRules) -> Ite
 def group_samples(data: bytes, shard_uri: str) -> dict[str, dict[str, tuple[str, bytes]]]:
     """key -> {extension (lower case): (member name, bytes)}, in the order of the tar; a damaged tar raises
     one `ValueError` naming the shard. A repeated extension of a key keeps its first member."""
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator  # imports torch: only when reading
+
     samples: dict[str, dict[str, tuple[str, bytes]]] = {}
     try:
         for member in tar_file_iterator(io.BytesIO(data)):
