@@ -55,8 +55,10 @@ def test_the_log_lives_on_the_drivers_node_and_a_lost_log_never_fails_the_job(ra
     node = ray.get(log.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
     assert node == ray.get_runtime_context().get_node_id()  # not on a worker node that may be lost
 
-    ray.kill(log)
-    lost = startup.read(log)
+    ray.kill(log)  # asynchronous: a call sent just after may still be answered
+    deadline = time.time() + 30
+    while "lost" not in (lost := startup.read(log)) and time.time() < deadline:
+        time.sleep(0.2)
     assert lost == {"actors": 0, "lost": "ActorDiedError"}
     assert startup.timings(lost) == {}
     assert startup.describe(lost) == "model actor start-up: not recorded (the log was lost: ActorDiedError)"
