@@ -219,10 +219,10 @@ def stream_units(
     """Read `units`, decode on tasks, run `actor` on an actor pool per `plan`, and feed the sink;
     the `stage`'s progress goes to the log off a terminal (`pipeline.progress`). Returns the model
     actors' start-up (`startup.summarize`)."""
-    # A unit is read as one block (up to a whole shard); cut it into decode-sized blocks, so that
-    # decoding spreads over tasks and the model actors start on the first batch, not the last.
+    # A unit leaves its read task in decode-sized blocks as it is read, so that decoding spreads over
+    # tasks and the model actors start on a unit's first batch, not after its last file is read.
     cpu_work = plan.cpu_remote_args
-    ds = source.dataset(units, **cpu_work).repartition(target_num_rows_per_block=decode_batch)
+    ds = source.dataset(units, decode_batch, **cpu_work).repartition(target_num_rows_per_block=decode_batch)
     ds = ds.map_batches(
         augment.build_eval_transform(weights.preprocessing), batch_size=decode_batch, batch_format="numpy", **cpu_work
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from images import jpeg_bytes, upload_tree, write_imagefolder
+from processes import SlowProxy
 
 from pipeline import schema
 from pipeline.config import PrepareConfig, StorageConfig
@@ -99,3 +100,16 @@ def test_units_carry_what_they_hold(ray_session, tmp_path):
     (tmp_path / "raw" / "b" / "b_0003.jpg").write_bytes(jpeg_bytes(96, 64, seed=7))  # same name, other bytes
     after = open_images(str(tmp_path / "raw"), chunk_size=5).units
     assert after[0].digest == before[0].digest and after[1].digest != before[1].digest
+
+
+def test_raw_files_in_a_bucket_are_read_with_requests_in_flight_and_kept_in_order(s3, s3_endpoint, bucket):
+    # One GET at a time would wait out every round trip of a distant store: 1,000 of them per unit.
+    images = {f"many/img_{i:03d}.jpg": jpeg_bytes(seed=i) for i in range(48)}
+    for key, data in images.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    proxy = SlowProxy(int(s3_endpoint.rsplit(":", 1)[1]), delay=0.05)
+    source = open_images(f"s3://{bucket}/many", StorageConfig(endpoint_url=f"http://127.0.0.1:{proxy.port}"))
+    rows = source.head_rows(48)
+    assert [r[schema.KEY] for r in rows] == [k.removeprefix("many/").removesuffix(".jpg") for k in images]
+    assert [r[schema.IMAGE] for r in rows] == list(images.values())
+    assert proxy.most >= 8, f"at most {proxy.most} requests in flight at once"
