@@ -4,7 +4,6 @@ bucket of images -> predictions Parquet with top-k."""
 from __future__ import annotations
 
 from jobs.common import parse_config, run_job, start, timings_text, written_text
-from pipeline import predict, report
 
 SECTIONS = ("classify", "model", "webdataset", "storage", "ray")
 
@@ -12,6 +11,8 @@ SECTIONS = ("classify", "model", "webdataset", "storage", "ray")
 def main(argv: list[str] | None = None) -> dict:
     """Parse, classify (only the parts still missing), print counts and accuracy when labelled."""
     cfg = parse_config("classify", __doc__, argv, SECTIONS)
+    from pipeline import predict, report
+
     checked = run_job("classify", predict.check, cfg.model, cfg.classify, cfg.storage, cfg.webdataset)
     start("classify", cfg, cfg.classify.output, "classify.output")
     result = run_job("classify", predict.run, cfg.model, cfg.classify, cfg.storage, cfg.webdataset, checked)

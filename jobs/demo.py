@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from jobs.common import parse_config, run_job, start
-from pipeline import demo
 
 SECTIONS = ("demo", "model", "prepare", "features", "head", "classify", "storage", "ray")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -20,6 +19,8 @@ def main(argv: list[str] | None = None) -> dict:
     if DEFAULT_CONFIG.is_file() and not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     cfg = parse_config("demo", __doc__, argv, SECTIONS)
+    from pipeline import demo
+
     start("demo", cfg, cfg.demo.workdir, "demo.workdir")
     result = run_job("demo", demo.run, cfg)
     paths, split = result["paths"], cfg.demo.classify_split

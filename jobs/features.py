@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from jobs.common import parse_config, plural, run_job, start, timings_text, written_text
-from pipeline import features
 
 SECTIONS = ("features", "model", "webdataset", "storage", "ray")
 
@@ -11,6 +10,9 @@ SECTIONS = ("features", "model", "webdataset", "storage", "ray")
 def main(argv: list[str] | None = None) -> dict:
     """Parse, embed (only the parts still missing), print the counts."""
     cfg = parse_config("features", __doc__, argv, SECTIONS)
+    # torch and the models load after the config is read: --help and config errors answer at once.
+    from pipeline import features
+
     checked = run_job("features", features.check, cfg.model, cfg.features, cfg.storage, cfg.webdataset)
     start("features", cfg, cfg.features.output, "features.output")
     result = run_job("features", features.run, cfg.model, cfg.features, cfg.storage, cfg.webdataset, checked)

@@ -5,7 +5,6 @@ land in finetune.output. Rerunning the same config resumes it."""
 from __future__ import annotations
 
 from jobs.common import parse_config, run_job, start
-from pipeline import finetune, report
 
 SECTIONS = ("finetune", "model", "augment", "loader", "storage", "ray")
 
@@ -13,6 +12,8 @@ SECTIONS = ("finetune", "model", "augment", "loader", "storage", "ray")
 def main(argv: list[str] | None = None) -> dict:
     """Parse, fine-tune (or resume), print the accuracies and where the model and plots are."""
     cfg = parse_config("finetune", __doc__, argv, SECTIONS)
+    from pipeline import finetune, report
+
     checked = run_job("finetune", finetune.check, cfg)
     start("finetune", cfg, cfg.finetune.output, "finetune.output")
     result = run_job("finetune", finetune.run, cfg, checked)

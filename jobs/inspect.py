@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from jobs.common import parse_config, run_job
-from pipeline import inspection, storage
+from pipeline import storage
 from pipeline.config import dump_config
 
 SECTIONS = ("inspect", "model", "storage")
@@ -17,6 +17,8 @@ SECTIONS = ("inspect", "model", "storage")
 def main(argv: list[str] | None = None) -> dict:
     """Parse, inspect (on this machine's CPU: no Ray), print the predictions and the index.html path."""
     cfg = parse_config("inspect", __doc__, argv, SECTIONS)
+    from pipeline import inspection
+
     if not cfg.inspect.output:
         sys.exit("imgpipe inspect: no output given; set inspect.output (a local path or s3:// / gs:// URI)")
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from jobs.common import parse_config, run_job, start
-from pipeline import heads, report
 
 SECTIONS = ("head", "storage")
 
@@ -11,6 +10,8 @@ SECTIONS = ("head", "storage")
 def main(argv: list[str] | None = None) -> dict:
     """Parse, train, print the accuracy and where the head and plots are."""
     cfg = parse_config("train-head", __doc__, argv, SECTIONS)
+    from pipeline import heads, report
+
     data = run_job("train-head", heads.check, cfg.head, cfg.storage)
     start("train-head", cfg, cfg.head.output, "head.output", uses_ray=False)  # one process: no Ray to start
     metrics = run_job("train-head", heads.run, cfg.head, cfg.storage, data)

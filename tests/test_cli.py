@@ -4,14 +4,12 @@ the output untouched (locally and in a bucket), and a quiet run printing nothing
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from images import write_imagefolder
 from processes import free_port, ray_env
@@ -222,35 +220,3 @@ def test_an_output_that_cannot_be_written_says_so(tmp_path):
     assert one_line(proc) == (
         f"imgpipe prepare: {tmp_path / 'file' / 'out'}: cannot be written: {tmp_path / 'file'} is a file, not a folder"
     )
-
-
-# ---------------------------------------------------------------- quiet
-
-
-@pytest.mark.timeout(300)
-def test_a_quiet_run_prints_nothing_to_stderr(tmp_path):
-    write_imagefolder(tmp_path / "raw", {"a": 4, "b": 4}, size=(32, 32))
-    env = {k: v for k, v in ray_env().items() if k not in ("TQDM_DISABLE", "RAY_DATA_DISABLE_PROGRESS_BARS")}
-    proc = imgpipe(
-        "features",
-        "-q",
-        "--set",
-        f"features.source={tmp_path / 'raw'}",
-        "--set",
-        f"features.output={tmp_path / 'out'}",
-        "--set",
-        "ray.num_cpus=4",
-        "--set",
-        "features.batch_size=4",
-        env=env,
-        timeout=280,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr == ""
-    assert "inputs 8 = embedded 8 + rejected 0" in proc.stdout
-    assert pq.read_table(tmp_path / "out" / "all" / "part-000000.parquet").num_rows == 8
-    assert os.path.exists(tmp_path / "out" / "config.yaml")
-    again = imgpipe(*proc.args[3:], env=env, timeout=280)  # the same run: a resume with nothing left to do
-    assert (again.returncode, again.stderr) == (0, "")
-    assert "inputs 8 = embedded 8 + rejected 0; nothing to write: every part was there" in again.stdout
-    assert f"embeddings of efficientnet_lite0, already complete in {tmp_path / 'out'};" in again.stdout

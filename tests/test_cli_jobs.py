@@ -1,9 +1,9 @@
 """features -> train-head -> classify as a user runs them: each job a subprocess of `imgpipe`, on an
 ImageFolder (features on an embedded Ray sized by ray.num_cpus, train-head with no Ray at all), with the
 printed summaries, exit codes and the config.yaml beside each output checked; then classify over a folder
-whose classes differ from the head's (reordered, one missing, one the head never saw). In this process:
-classify's resume, a changed run refused and then replaced with overwrite, and a missing source failing
-in one line."""
+whose classes differ from the head's (reordered, one missing, one the head never saw), quiet (`-q`). In
+this process: a features run resumed with every part there; classify's resume, a changed run refused and
+then replaced with overwrite, and a missing source failing in one line."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.timeout(600)
 
 
-def imgpipe(*args: str) -> subprocess.CompletedProcess:
+def imgpipe(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "jobs.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ray_env(), timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env or ray_env(), timeout=300)
 
 
 def ok(proc: subprocess.CompletedProcess) -> list[str]:
@@ -60,7 +60,11 @@ def test_features_train_head_classify_through_the_cli(tmp_path):
         for path in sorted((tmp_path / "train" / source).glob("*.jpg"))[:count]:
             shutil.copy(path, new / name / path.name)
     args = ["--set", f"classify.source={new}", "--set", f"classify.output={preds}", "--set", f"classify.head={head}"]
-    lines = ok(imgpipe("classify", *args))
+    # -q, with tqdm and Ray Data's progress bars left on: the summary on stdout and nothing on stderr.
+    loud = {k: v for k, v in ray_env().items() if k not in ("TQDM_DISABLE", "RAY_DATA_DISABLE_PROGRESS_BARS")}
+    classified = imgpipe("classify", "-q", *args, env=loud)
+    lines = ok(classified)
+    assert classified.stderr == ""
     assert "inputs 8 = classified 8 + rejected 0; 1 part written this run" in lines
     assert any(line.startswith("  all: top-1 100.00%  (6 labelled)") for line in lines), lines
     rows = [r for p in sorted(preds.rglob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
@@ -69,6 +73,21 @@ def test_features_train_head_classify_through_the_cli(tmp_path):
     assert by_folder["b"]["pred_class"] == "b" and by_folder["c"]["pred_class"] == "c"
     assert by_folder["d"]["pred_class"] == "a"  # a's pictures, in a folder the head does not know
     assert all(Path(r["source"]).is_file() and r["member"] == "" for r in rows)
+
+
+def test_features_resumed_with_every_part_there_says_so(ray_session, tmp_path, capsys):
+    from jobs import features as features_job
+
+    write_imagefolder(tmp_path / "raw", {"a": 4, "b": 4}, size=(32, 32))
+    out = tmp_path / "out"
+    args = ["--set", f"features.source={tmp_path / 'raw'}", "--set", f"features.output={out}"]
+    features_job.main([*args, "--set", "features.batch_size=4"])
+    assert "inputs 8 = embedded 8 + rejected 0; 1 part written this run" in capsys.readouterr().out
+    assert pq.read_table(out / "all" / "part-000000.parquet").num_rows == 8
+    features_job.main([*args, "--set", "features.batch_size=4"])  # the same run: nothing left to do
+    again = capsys.readouterr().out
+    assert "inputs 8 = embedded 8 + rejected 0; nothing to write: every part was there" in again
+    assert f"embeddings of efficientnet_lite0, already complete in {out};" in again
 
 
 def test_classify_resumes_refuses_another_run_and_replaces_it_with_overwrite(ray_session, tmp_path, capsys):
