@@ -293,12 +293,16 @@ def _read_files(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:
 def _in_order(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
     """`fn` over `items` on `pool`, results in input order, at most `window` submitted ahead (memory bound)."""
     pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+    finally:  # a failed read, or a reader that stops early: what has not started never starts
+        for future in pending:
+            future.cancel()
 
 
 def _read_shard(unit: dict, *, fs, uri: str, root: str) -> Iterator[dict]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from images import jpeg_bytes, upload_tree, write_imagefolder
 from processes import SlowProxy
@@ -9,7 +12,8 @@ from processes import SlowProxy
 from pipeline import schema
 from pipeline.config import PrepareConfig, StorageConfig
 from pipeline.prepare import run as prepare
-from pipeline.sources import open_images
+from pipeline.sources import _in_order, open_images
+from pipeline.storage import StorageUnavailable
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -113,3 +117,19 @@ def test_raw_files_in_a_bucket_are_read_with_requests_in_flight_and_kept_in_orde
     assert [r[schema.KEY] for r in rows] == [k.removeprefix("many/").removesuffix(".jpg") for k in images]
     assert [r[schema.IMAGE] for r in rows] == list(images.values())
     assert proxy.most >= 8, f"at most {proxy.most} requests in flight at once"
+
+
+def test_a_read_that_fails_the_job_cancels_the_reads_not_yet_started():
+    started: list[int] = []
+
+    def read(i: int) -> int:
+        started.append(i)
+        if i == 0:
+            raise StorageUnavailable("s3://b/x: the store is down")
+        time.sleep(0.05)
+        return i
+
+    with ThreadPoolExecutor(2) as pool:
+        with pytest.raises(StorageUnavailable):
+            list(_in_order(pool, read, range(100), window=8))
+    assert len(started) < 8, started  # 8 were submitted; those still queued when 0 failed never ran
