@@ -12,10 +12,9 @@ import io
 import logging
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from PIL import Image
+
+from pipeline import report
 
 log = logging.getLogger("imgpipe")
 
@@ -73,7 +72,9 @@ def embedding_map(x: np.ndarray, y: np.ndarray, classes: list[str], max_points: 
         tsne = tsne_2d(xs[few], seed) if len(few) > 5 else None
     if tsne is not None:
         panels.append(("t-SNE", tsne, ys[few]))
-    fig = Figure(figsize=(6.5 * len(panels) + 1.5, 6), dpi=80)
+    from matplotlib.lines import Line2D
+
+    fig = report.figure(figsize=(6.5 * len(panels) + 1.5, 6), dpi=80)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     cmap = "tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "hsv"
     for ax, (name, points, colours) in zip(axes, panels):
@@ -88,7 +89,6 @@ def embedding_map(x: np.ndarray, y: np.ndarray, classes: list[str], max_points: 
             Line2D([], [], marker="o", linestyle="", color=scatter.cmap(scatter.norm(c)), markersize=6) for c in present
         ]
         fig.legend(handles, [classes[c] for c in present], loc="center right", title="class")
-    FigureCanvasAgg(fig)
     fig.tight_layout(rect=(0, 0, 0.9 if len(classes) <= LEGEND_CLASSES else 1, 1))
     raw = io.BytesIO()
     fig.savefig(raw, format="png")

@@ -96,16 +96,50 @@ class OnnxBackbone:
         return torch.from_numpy(self.session.run(None, {self.input: batch})[0])
 
 
-def onnx_export(model: torch.nn.Module, name: str, digest: str, crop: int) -> tuple[Path, bool]:
-    """The ONNX file of `model` (a `models.Backbone`), exported once per node and cached; returns
-    (its path, whether this call exported it)."""
-    from filelock import FileLock
-
+def export_path(name: str, digest: str, crop: int) -> Path:
+    """Where the node's ONNX export of backbone `name` with these weights and this crop size lives."""
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}-{digest}")[:120]
     torch_version = torch.__version__.split("+")[0]
-    path = cache_dir() / "onnx" / f"{tag}-{crop}px-torch{torch_version}-opset{OPSET}.onnx"
+    return cache_dir() / "onnx" / f"{tag}-{crop}px-torch{torch_version}-opset{OPSET}.onnx"
+
+
+def trunk_facts_path(export: Path) -> Path:
+    """Beside an export: what the actors need besides the trunk (its width, the backbone's own classifier),
+    so that an actor that finds the export cached never builds the PyTorch model at all."""
+    return export.with_suffix(".facts.pt")
+
+
+def cached_onnx(name: str, digest: str, crop: int) -> tuple[Path, int, torch.nn.Linear | None] | None:
+    """(the export, the embedding width, the backbone's own classifier) when the node has all of them cached,
+    else None. Files appear whole (renamed into place), so no lock is needed to read them."""
+    path = export_path(name, digest, crop)
+    facts = trunk_facts_path(path)
+    if not (path.exists() and facts.exists()):
+        return None
+    record = torch.load(facts, weights_only=True)
+    classifier = None
+    if record["classifier"] is not None:
+        weight = record["classifier"]["weight"]
+        classifier = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in record["classifier"])
+        classifier.load_state_dict(record["classifier"])
+        classifier.eval().requires_grad_(False)
+    return path, int(record["dim"]), classifier
+
+
+def onnx_export(model: torch.nn.Module, name: str, digest: str, crop: int) -> tuple[Path, bool]:
+    """The ONNX file of `model` (a `models.Backbone`), exported once per node and cached with its trunk facts
+    (`trunk_facts_path`); returns (its path, whether this call exported it)."""
+    from filelock import FileLock
+
+    path = export_path(name, digest, crop)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=600):
+        facts = trunk_facts_path(path)
+        if not facts.exists():  # also for an export cached by an older imgpipe, which wrote none
+            classifier = model.classifier.state_dict() if model.classifier is not None else None
+            partial = facts.with_suffix(f".{os.getpid()}.partial")
+            torch.save({"dim": int(model.dim), "classifier": classifier}, partial)
+            partial.replace(facts)
         if path.exists():
             return path, False
         started = time.perf_counter()

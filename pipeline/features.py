@@ -23,10 +23,10 @@ import torch
 
 from pipeline import augment, devices, placement, quantize, schema, startup, storage
 from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig, WebDatasetConfig, require
-from pipeline.engine import OnnxBackbone, compiled_backbone, onnx_export
+from pipeline.engine import OnnxBackbone, cached_onnx, compiled_backbone, onnx_export
 from pipeline.engine import choose as choose_engine
 from pipeline.errors import UserError
-from pipeline.models import ResolvedWeights, create_backbone, resolve_weights
+from pipeline.models import Backbone, ResolvedWeights, create_backbone, resolve_weights
 from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors, write_run_file
 from pipeline.placement import ActorPlan
 from pipeline.preprocessing import DeviceNormalizer, readonly_tensor
@@ -90,16 +90,16 @@ class Embedder:
         clock.lap("weights")
         self.device = devices.worker_device(device == "cuda", devices.assigned_gpus())
         self.autocast = devices.autocast_dtype(precision) if self.device.type == "cuda" else None
-        self.model = create_backbone(weights).to(self.device, memory_format=torch.channels_last).eval()
-        self.model.requires_grad_(False)
         self.prep = weights.preprocessing
         self.normalize = DeviceNormalizer(self.prep, self.device)
-        clock.lap("model")
-        self.engine, self.run_trunk = "eager", self.model
         if engine == "onnxruntime" and self.device.type == "cpu":
             self.engine = engine if calibration is None else "onnxruntime int8"
             self.run_trunk = self.onnx_trunk(weights, max(1, threads), calibration, clock)
             clock.lap(engine)
+        else:
+            self.engine, self.model = "eager", self.build(weights)
+            self.dim, self.classifier, self.run_trunk = self.model.dim, self.model.classifier, self.model
+            clock.lap("model")
         self.dtype = np.dtype(dtype)
         self.batch_size, self.staging = batch_size, None
         if engine == "compile":  # one fixed batch shape, compiled now rather than on the first batch
@@ -123,11 +123,27 @@ class Embedder:
             except ray.exceptions.RayError as exc:  # bookkeeping: never the reason an actor fails
                 log.warning("model actor: start-up not recorded (%s)", exc)
 
+    def build(self, weights: ResolvedWeights) -> Backbone:
+        """The PyTorch backbone on this actor's device, frozen."""
+        model = create_backbone(weights).to(self.device, memory_format=torch.channels_last).eval()
+        return model.requires_grad_(False)
+
     def onnx_trunk(self, weights: ResolvedWeights, threads: int, calibration, clock: StartupClock) -> OnnxBackbone:
-        """The ONNX Runtime session: the node's cached export (made here if this actor is the node's
-        first), quantised to int8 when calibration images came (`pipeline.quantize`)."""
-        path, made = onnx_export(self.model, weights.backbone, weights.digest, self.prep.crop_size)
-        clock.notes.append("ONNX exported" if made else "ONNX export cached")
+        """The ONNX Runtime session: the node's cached export, loaded without building the PyTorch model (its
+        imports and weights cost seconds of each actor's start), or made here if this actor is the node's first;
+        quantised to int8 when calibration images came (`pipeline.quantize`)."""
+        crop = self.prep.crop_size
+        cached = cached_onnx(weights.backbone, weights.digest, crop)
+        self.model = None
+        if cached is None:
+            self.model = self.build(weights)
+            clock.lap("model")
+            path, made = onnx_export(self.model, weights.backbone, weights.digest, crop)
+            self.dim, self.classifier = self.model.dim, self.model.classifier
+            clock.notes.append("ONNX exported" if made else "ONNX export cached")
+        else:
+            path, self.dim, self.classifier = cached
+            clock.notes.append("ONNX export cached")
         if calibration is not None:
             pixels = calibration.get() if isinstance(calibration, Shipped) else calibration
             x = self.normalize(readonly_tensor(pixels)).contiguous().numpy()
@@ -169,7 +185,7 @@ class Embedder:
 
     def outputs(self, emb: torch.Tensor | None, good: np.ndarray) -> Batch:
         """The stage's own columns for every row (zeros for rejected rows)."""
-        full = np.zeros((len(good), self.model.dim), dtype=self.dtype)
+        full = np.zeros((len(good), self.dim), dtype=self.dtype)
         if emb is not None:
             full[good] = emb.to(torch.float16 if self.dtype == np.float16 else torch.float32).cpu().numpy()
         return {schema.EMBEDDING: full}

@@ -118,8 +118,11 @@ def _cpu_plan(alive: list[dict], requested: int | None, batches: int | None, cor
     cores = cores or cpus
     free = max(1.0, cpus - max(1, cpus // 4))
     size = requested or max(1, min(int(free), cores, batches or cores))
+    # Never more tokens than the cores an actor can use: the logical CPUs beyond the cores (an embedded Ray has
+    # twice as many) go to the read and decode tasks. Spread over the actors instead (1.5 each on 2 cores), they
+    # left one task slot, which an I/O-bound read held for seconds while decode waited and the actors starved.
     # Never more than one node has: an actor no node can hold waits for ever, silently.
-    per_actor = max(0.25, min(free / size, max(n["Resources"].get("CPU", 0) for n in alive)))
+    per_actor = max(0.25, min(free / size, cores / size, max(n["Resources"].get("CPU", 0) for n in alive)))
     threads = max(1, min(int(per_actor), cores))  # threads only when asked for fewer, bigger actors
     return ActorPlan(size, size, per_actor, 0.0, threads, "cpu", "fp32")
 

@@ -51,7 +51,7 @@ class Classifier(Embedder):
             self.head = create_head(spec)
             self.head.load_state_dict(state)
         else:
-            self.head = self.model.classifier
+            self.head = self.classifier
         self.head = self.head.to(self.device).eval()
         self.top_k = top_k
 

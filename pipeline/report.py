@@ -11,8 +11,6 @@ import re
 from typing import Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 
 def meaningful_k(num_classes: int, k: int = 5) -> int | None:
@@ -72,7 +70,7 @@ def accuracy_text(metrics: dict) -> str:
 def plot_history(history: list[dict]) -> bytes:
     """Loss and top-1 accuracy per epoch, train vs validation, as a PNG."""
     epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(10, 4), dpi=100)
+    fig = figure(figsize=(10, 4), dpi=100)
     loss_ax, acc_ax = fig.subplots(1, 2)
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         loss_ax.plot(epochs, [h[key] for h in history], label=label)
@@ -96,7 +94,7 @@ def plot_confusion(cm: np.ndarray | list, classes: Sequence[str], title: str = "
     n = len(classes)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     side = min(4 + 0.45 * n, 30)
-    fig = Figure(figsize=(side + 1.5, side), dpi=100)
+    fig = figure(figsize=(side + 1.5, side), dpi=100)
     ax = fig.subplots()
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
@@ -121,9 +119,20 @@ def plot_confusion(cm: np.ndarray | list, classes: Sequence[str], title: str = "
     return _png(fig)
 
 
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
+def figure(**kwargs):
+    """A matplotlib Figure drawn by Agg. matplotlib is imported here, when a figure is drawn: the model
+    actors import the modules that plot (through `heads` and `predict`) and never draw, and its import
+    would be a quarter of a second of each actor's start."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
     return buf.getvalue()

@@ -38,7 +38,7 @@ def compare(reference, other, pixels: np.ndarray) -> dict:
     a, b = reference.embed(pixels), other.embed(pixels)
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=1)
     with torch.inference_mode():
-        top_a, top_b = reference.model.classifier(a).argmax(1), reference.model.classifier(b).argmax(1)
+        top_a, top_b = reference.classifier(a).argmax(1), reference.classifier(b).argmax(1)
     return {
         "images": len(pixels),
         "top1_agreement": float((top_a == top_b).float().mean()),

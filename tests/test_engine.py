@@ -4,6 +4,7 @@ embedding cosine), the export is cached per node and reused, and the choice foll
 from __future__ import annotations
 
 import pytest
+import torch
 from photos import compare, describe, photo_crops
 
 from pipeline import engine
@@ -63,3 +64,23 @@ def test_compile_agrees_with_eager_on_real_photos(lite0, tmp_path, monkeypatch):
     print(f"torch.compile against eager, {describe(result)}")
     assert result["cosine_min"] >= 0.999 and result["top1_agreement"] >= 0.999, result
     assert [p for p in (tmp_path / "inductor").rglob("*") if p.is_file()]  # compiled artefacts in the node's cache
+
+
+def test_an_actor_that_finds_the_export_cached_does_not_build_the_model(lite0, tmp_path, monkeypatch):
+    """The node's first actor exports; the others load the export and its trunk facts (width, the backbone's
+    own classifier) and never build the PyTorch model: seconds of each actor's start. Same outputs."""
+    monkeypatch.setenv("IMGPIPE_CACHE", str(tmp_path))
+    first = Embedder(lite0, "float32", engine="onnxruntime")
+    assert first.model is not None  # built to export
+    (facts,) = (tmp_path / "onnx").glob("*.facts.pt")
+    later = Embedder(lite0, "float32", engine="onnxruntime")
+    assert later.model is None and later.dim == first.dim == 1280
+    pixels = photo_crops()[:4]
+    assert torch.equal(later.embed(pixels), first.embed(pixels))
+    with torch.inference_mode():
+        assert torch.equal(later.classifier(later.embed(pixels)), first.classifier(first.embed(pixels)))
+    # an export cached without its facts (an older imgpipe's): the model is built once more, and the facts written
+    facts.unlink()
+    again = Embedder(lite0, "float32", engine="onnxruntime")
+    assert again.model is not None and facts.exists()
+    assert Embedder(lite0, "float32", engine="onnxruntime").model is None

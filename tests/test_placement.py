@@ -35,8 +35,10 @@ def placeable(plan, nodes) -> bool:
 
 def test_cpu_plan_leaves_cpus_to_decoding_and_never_outnumbers_the_batches():
     plan = plan_model_actors([node("laptop", 4)], cores=2)
-    assert (plan.size, plan.num_gpus, plan.threads, plan.num_cpus, plan.compute) == (2, 0.0, 1, 1.5, "cpu/fp32")
-    assert plan_model_actors([node("laptop", 4)], batches=1, cores=2).size == 1
+    # one CPU token per single-threaded actor: the 2 left over (4 logical CPUs on 2 cores) run reads and decode
+    assert (plan.size, plan.num_gpus, plan.threads, plan.num_cpus, plan.compute) == (2, 0.0, 1, 1.0, "cpu/fp32")
+    one = plan_model_actors([node("laptop", 4)], batches=1, cores=2)  # one batch: one actor, both cores
+    assert (one.size, one.num_cpus, one.threads) == (1, 2.0, 2)
     assert plan_model_actors([node("big", 64), node("dead", 64, alive=False)]).size == 48
 
 
