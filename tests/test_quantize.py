@@ -89,7 +89,10 @@ def test_a_features_job_in_int8_reports_its_compute_and_start_up(ray_session, tm
 
     startup = result["startup"]
     assert startup["actors"] >= 1 and startup["first_ready_s"] > 0 and startup["slowest_load_s"] > 0
-    assert set(startup["first"]["phases"]) == {"weights", "model", "onnxruntime"}
+    # the model is built only by an actor that exports; one that finds the export cached skips it
+    first = startup["first"]
+    built = "ONNX export cached" not in first["notes"]
+    assert set(first["phases"]) == {"weights", "onnxruntime"} | ({"model"} if built else set()), first
     assert any(note.startswith("int8") for note in startup["first"]["notes"])
     assert result["timings"]["model actors: first ready, from the stage's start"] == startup["first_ready_s"]
 
