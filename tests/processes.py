@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -110,13 +111,18 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+REQUEST_LINE = re.compile(rb"(?m)^(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1")
+
+
 class SlowProxy:
     """A TCP proxy on 127.0.0.1 in front of the S3 server that holds every answer `delay` seconds (a
-    distant store) and records the most connections it had open at once (requests in flight)."""
+    distant store), records the most connections it had open at once (requests in flight) and the
+    requests it passed on (`requests`: method and path, in order of arrival)."""
 
     def __init__(self, target_port: int, delay: float):
         self.target, self.delay = target_port, delay
         self.open = self.most = 0
+        self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -135,6 +141,9 @@ class SlowProxy:
     def _pump(self, src: socket.socket, dst: socket.socket, delay: float) -> None:
         try:
             while data := src.recv(65536):
+                if not delay:  # the client's side: request lines (reads send no body to mistake for one)
+                    with self.lock:
+                        self.requests += [(m.decode(), p.decode()) for m, p in REQUEST_LINE.findall(data)]
                 time.sleep(delay)
                 dst.sendall(data)
         except OSError:

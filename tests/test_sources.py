@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -117,6 +118,9 @@ def test_raw_files_in_a_bucket_are_read_with_requests_in_flight_and_kept_in_orde
     assert [r[schema.KEY] for r in rows] == [k.removeprefix("many/").removesuffix(".jpg") for k in images]
     assert [r[schema.IMAGE] for r in rows] == list(images.values())
     assert proxy.most >= 8, f"at most {proxy.most} requests in flight at once"
+    # One request an image, not pyarrow's HEAD (the object's size) and then GET: half the round trips and the bill.
+    per_image = collections.Counter(method for method, path in proxy.requests if path.endswith(".jpg"))
+    assert per_image == {"GET": 48}, per_image
 
 
 def test_a_read_that_fails_the_job_cancels_the_reads_not_yet_started():

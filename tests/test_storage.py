@@ -61,6 +61,8 @@ def test_missing_bucket_and_prefix(s3, bucket):
         storage.check_writable(storage.resolve("s3://no-such-bucket-x/out"))
     with pytest.raises(storage.StorageError, match=rf"s3://{bucket}/nokey: no such file"):
         storage.read_bytes(storage.resolve(f"s3://{bucket}/nokey"))
+    with pytest.raises(storage.StorageError, match=r"^s3://no-such-bucket-x/k: bucket 'no-such-bucket-x' does not"):
+        storage.read_bytes(storage.resolve("s3://no-such-bucket-x/k"))
 
 
 def test_local_errors(tmp_path):
@@ -121,13 +123,17 @@ def test_refused_credentials_are_named_not_printed(tmp_path):
             "from pipeline import storage\n"
             "from pipeline.config import StorageConfig\n"
             f"cfg = StorageConfig(endpoint_url='http://127.0.0.1:{port}')\n"
-            "try:\n"
-            "    storage.list_files(storage.resolve('s3://some-bucket/raw', cfg))\n"
-            "except storage.StorageError as exc:\n"
-            "    print(exc)\n"
+            "calls = ((storage.list_files, 's3://some-bucket/raw'), (storage.read_bytes, 's3://some-bucket/k'))\n"
+            "for call, uri in calls:\n"
+            "    try:\n"
+            "        call(storage.resolve(uri, cfg))\n"
+            "    except storage.StorageRefused as exc:\n"
+            "        print(exc)\n"
         )
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stdout
-    assert out.startswith("s3://some-bucket/raw: access refused; check the credentials of the standard AWS chain")
+    listing, read = out.splitlines()
+    assert listing.startswith("s3://some-bucket/raw: access refused; check the credentials of the standard AWS chain")
+    assert read.startswith("s3://some-bucket/k: access refused; check the credentials of the standard AWS chain")
     assert "s3cr3t-value" not in out
 
 
