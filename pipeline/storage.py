@@ -251,10 +251,12 @@ def _object_store(bucket: str, endpoint: str | None, region: str, anonymous: boo
     from obstore.auth.boto3 import Boto3CredentialProvider
     from obstore.store import S3Store
 
-    kwargs: dict = {"region": region, "retry_config": {"max_retries": max_attempts - 1}}
+    # A stalled connection fails after a minute without a byte; a large shard may take as long as it needs
+    # (obstore's default ends any request after 30 s, body included: a 1 GB shard on a slow link).
+    client = {"read_timeout": "60s", "timeout": "1h", "allow_http": bool(endpoint and endpoint.startswith("http://"))}
+    kwargs: dict = {"region": region, "retry_config": {"max_retries": max_attempts - 1}, "client_options": client}
     if endpoint:
         kwargs["endpoint"] = endpoint
-        kwargs["client_options"] = {"allow_http": endpoint.startswith("http://")}
     session = boto3.session.Session()
     if anonymous or session.get_credentials() is None:
         kwargs["skip_signature"] = True
