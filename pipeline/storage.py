@@ -245,10 +245,8 @@ copyreg.pickle(pafs.S3FileSystem, _reduce_s3)
 @lru_cache(maxsize=None)
 def _object_store(bucket: str, endpoint: str | None, region: str, anonymous: bool, max_attempts: int):
     """An obstore `S3Store` for one bucket of the store that `_s3` makes, with its settings (one per process).
-    Credentials: boto3's chain, the same standard chain as pyarrow's (environment, profile, SSO, instance
-    role), refreshed as they expire; none found or `anonymous`, requests go unsigned, as pyarrow's do."""
-    import boto3
-    from obstore.auth.boto3 import Boto3CredentialProvider
+    Credentials: the standard AWS chain, as pyarrow's (environment keys, else boto3's chain: profile, SSO,
+    instance role, refreshed as they expire); none found or `anonymous`, requests go unsigned, as pyarrow's do."""
     from obstore.store import S3Store
 
     # A stalled connection fails after a minute without a byte; a large shard may take as long as it needs
@@ -257,11 +255,19 @@ def _object_store(bucket: str, endpoint: str | None, region: str, anonymous: boo
     kwargs: dict = {"region": region, "retry_config": {"max_retries": max_attempts - 1}, "client_options": client}
     if endpoint:
         kwargs["endpoint"] = endpoint
-    session = boto3.session.Session()
-    if anonymous or session.get_credentials() is None:
+    if anonymous:
         kwargs["skip_signature"] = True
-    else:
-        kwargs["credential_provider"] = Boto3CredentialProvider(session)
+    elif not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
+        # Keys in the environment obstore reads itself; any other source (profile, SSO, role) through boto3,
+        # imported only then (a quarter of a second in every Ray worker that reads).
+        import boto3
+        from obstore.auth.boto3 import Boto3CredentialProvider
+
+        session = boto3.session.Session()
+        if session.get_credentials() is None:
+            kwargs["skip_signature"] = True
+        else:
+            kwargs["credential_provider"] = Boto3CredentialProvider(session)
     return S3Store(bucket, **kwargs)
 
 
@@ -283,6 +289,8 @@ def _get_object(loc: Location, made: tuple) -> bytes:
     except BaseError as exc:  # a status the store answered (after obstore's retries), or no answer at all
         text = str(exc)
         status = re.search(r"status(?: code)?:? (\d{3})", text)
+        if status and status.group(1) in ("401", "403"):
+            raise OSError(f"ACCESS_DENIED (HTTP status {status.group(1)})") from None
         if status:
             raise OSError(f"HTTP status {status.group(1)}: {text.splitlines()[0]}") from None
         raise OSError(f"NETWORK_CONNECTION: {text.splitlines()[0] if text else type(exc).__name__}") from None
