@@ -102,6 +102,9 @@ def read_bytes(loc: Location) -> bytes:
     """The whole object, as stored (no decompression by file extension)."""
     made = _MADE.get(id(loc.fs))
     if made:  # pyarrow asks S3 for an object's size (HEAD) before each GET: twice the requests, and the wait
+        if any(part in ("", ".", "..") for part in loc.path.partition("/")[2].split("/")):
+            # Legal in an S3 key, but neither obstore's paths nor pyarrow's can hold them.
+            raise StorageError(f"{loc.uri}: a key with an empty, '.' or '..' segment cannot be read; rename it")
         return retrying(loc, partial(_get_object, loc, made))
 
     def read() -> bytes:

@@ -43,6 +43,15 @@ def test_s3_round_trip_and_listing(s3, bucket):
     assert storage.exists(loc.join("b.bin")) and not storage.exists(loc.join("nope"))
 
 
+def test_keys_obstore_and_pyarrow_cannot_name_are_a_clear_error(s3, bucket):
+    """S3 keys may hold empty, "." and ".." segments, which obstore and pyarrow cannot name: one line naming the
+    object (a reject in a batch job), not obstore's or pyarrow's ValueError."""
+    for key in ("odd//double.jpg", "odd/./dot.jpg", "odd/../dots.jpg"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+        with pytest.raises(storage.StorageError, match=rf"^s3://{bucket}/{re.escape(key)}: a key with an empty"):
+            storage.read_bytes(storage.resolve(f"s3://{bucket}/{key}"))
+
+
 def test_gzip_objects_are_not_decompressed(tmp_path):
     import gzip
 
