@@ -16,6 +16,7 @@ import posixpath
 import re
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -30,7 +31,7 @@ T = TypeVar("T")
 # The errors that go away by themselves: connection refused or reset, 5xx, throttling, timeouts.
 TRANSIENT = re.compile(
     r"NETWORK_CONNECTION|curlCode|Connection (refused|reset)|SLOW_DOWN|THROTTL|Throttl|SERVICE_UNAVAILABLE"
-    r"|INTERNAL_FAILURE|REQUEST_TIME_?OUT|HTTP status 5\d\d"
+    r"|INTERNAL_FAILURE|REQUEST_TIME_?OUT|HTTP status (5\d\d|429)"
 )
 
 
@@ -256,21 +257,26 @@ def _object_store(bucket: str, endpoint: str | None, region: str, anonymous: boo
     # (obstore's default ends any request after 30 s, body included: a 1 GB shard on a slow link).
     client = {"read_timeout": "60s", "timeout": "1h", "allow_http": bool(endpoint and endpoint.startswith("http://"))}
     kwargs: dict = {"region": region, "retry_config": {"max_retries": max_attempts - 1}, "client_options": client}
-    if endpoint:
-        kwargs["endpoint"] = endpoint
+    if endpoint:  # as `_s3`: no scheme is https (obstore would panic on the first request)
+        kwargs["endpoint"] = endpoint if "://" in endpoint else f"https://{endpoint}"
     if anonymous:
         kwargs["skip_signature"] = True
     elif not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
         # Keys in the environment obstore reads itself; any other source (profile, SSO, role) through boto3,
         # imported only then (a quarter of a second in every Ray worker that reads).
         import boto3
+        import botocore.exceptions
         from obstore.auth.boto3 import Boto3CredentialProvider
 
-        session = boto3.session.Session()
-        if session.get_credentials() is None:
+        try:
+            session = boto3.session.Session()
+            found = session.get_credentials()
+        except botocore.exceptions.BotoCoreError as exc:  # a profile that is not there, say
+            raise OSError(f"ACCESS_DENIED (AWS credentials: {exc})") from None
+        if found is None:
             kwargs["skip_signature"] = True
-        else:
-            kwargs["credential_provider"] = Boto3CredentialProvider(session)
+        else:  # botocore hands out credentials with >= 10 min left: kept longer, an expiring role's would lapse
+            kwargs["credential_provider"] = Boto3CredentialProvider(session, ttl=timedelta(minutes=10))
     return S3Store(bucket, **kwargs)
 
 
@@ -281,8 +287,12 @@ def _get_object(loc: Location, made: tuple) -> bytes:
     from obstore.exceptions import BaseError, NotFoundError, PermissionDeniedError, UnauthenticatedError
 
     bucket, _, key = loc.path.partition("/")
+    store = _object_store(bucket, *made[:4])
     try:
-        return bytes(obstore.get(_object_store(bucket, *made[:4]), key).bytes())
+        return bytes(obstore.get(store, key).bytes())
+    except ValueError:  # raised before any request: a control character in the key, which pyarrow's paths hold
+        with loc.fs.open_input_stream(loc.path, compression=None) as f:
+            return f.read()
     except (FileNotFoundError, NotFoundError) as exc:  # obstore raises the builtin one for a 404
         if "NoSuchBucket" in str(exc):
             raise OSError(f"NO_SUCH_BUCKET: bucket '{bucket}'") from None
@@ -292,8 +302,8 @@ def _get_object(loc: Location, made: tuple) -> bytes:
     except BaseError as exc:  # a status the store answered (after obstore's retries), or no answer at all
         text = str(exc)
         status = re.search(r"status(?: code)?:? (\d{3})", text)
-        if status and status.group(1) in ("401", "403"):
-            raise OSError(f"ACCESS_DENIED (HTTP status {status.group(1)})") from None
+        if "ExpiredToken" in text or (status and status.group(1) in ("401", "403")):
+            raise OSError(f"ACCESS_DENIED ({text.splitlines()[0]})") from None
         if status:
             raise OSError(f"HTTP status {status.group(1)}: {text.splitlines()[0]}") from None
         raise OSError(f"NETWORK_CONNECTION: {text.splitlines()[0] if text else type(exc).__name__}") from None

@@ -52,6 +52,35 @@ def test_keys_obstore_and_pyarrow_cannot_name_are_a_clear_error(s3, bucket):
             storage.read_bytes(storage.resolve(f"s3://{bucket}/{key}"))
 
 
+def test_a_key_with_a_control_character_is_read(s3, bucket):
+    """obstore's paths cannot hold a control character; pyarrow's can, so such a key is read through it."""
+    s3.put_object(Bucket=bucket, Key="odd/tab\there.jpg", Body=b"tab")
+    assert storage.read_bytes(storage.resolve(f"s3://{bucket}/odd/tab\there.jpg")) == b"tab"
+
+
+def test_an_endpoint_without_a_scheme_and_a_missing_profile_are_one_line_errors(s3, bucket, monkeypatch):
+    """No scheme means https (as pyarrow reads it): against the plain-HTTP server that is a connection error,
+    not a panic in obstore's Rust. A profile that is not there is a refusal, not botocore's traceback."""
+    port = s3.meta.endpoint_url.rsplit(":", 1)[1]
+    cfg = StorageConfig(endpoint_url=f"127.0.0.1:{port}", retry_seconds=0, max_attempts=1)
+    with pytest.raises(storage.StorageUnavailable, match=rf"^s3://{bucket}/k: cannot reach the storage endpoint"):
+        storage.read_bytes(storage.resolve(f"s3://{bucket}/k", cfg))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    storage._object_store.cache_clear()
+    try:
+        with pytest.raises(storage.StorageRefused, match=rf"^s3://{bucket}/k: access refused; check the credentials"):
+            storage.read_bytes(storage.resolve(f"s3://{bucket}/k", StorageConfig(retry_seconds=0)))
+    finally:
+        storage._object_store.cache_clear()
+
+
+def test_throttling_is_transient():
+    assert storage.TRANSIENT.search("HTTP status 429: SlowDown") and storage.TRANSIENT.search("HTTP status 503: x")
+    assert not storage.TRANSIENT.search("HTTP status 400: ExpiredToken")
+
+
 def test_gzip_objects_are_not_decompressed(tmp_path):
     import gzip
 
