@@ -107,12 +107,13 @@ def read_bytes(loc: Location) -> bytes:
             # Legal in an S3 key, but neither obstore's paths nor pyarrow's can hold them.
             raise StorageError(f"{loc.uri}: a key with an empty, '.' or '..' segment cannot be read; rename it")
         return retrying(loc, partial(_get_object, loc, made))
+    return retrying(loc, partial(_read_stream, loc))
 
-    def read() -> bytes:
-        with loc.fs.open_input_stream(loc.path, compression=None) as f:
-            return f.read()
 
-    return retrying(loc, read)
+def _read_stream(loc: Location) -> bytes:
+    """The whole object through pyarrow (a HEAD, then the GET, on S3)."""
+    with loc.fs.open_input_stream(loc.path, compression=None) as f:
+        return f.read()
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
@@ -291,8 +292,7 @@ def _get_object(loc: Location, made: tuple) -> bytes:
     try:
         return bytes(obstore.get(store, key).bytes())
     except ValueError:  # raised before any request: a control character in the key, which pyarrow's paths hold
-        with loc.fs.open_input_stream(loc.path, compression=None) as f:
-            return f.read()
+        return _read_stream(loc)
     except (FileNotFoundError, NotFoundError) as exc:  # obstore raises the builtin one for a 404
         if "NoSuchBucket" in str(exc):
             raise OSError(f"NO_SUCH_BUCKET: bucket '{bucket}'") from None
