@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -114,34 +115,54 @@ def stop(proc: subprocess.Popen) -> None:
 REQUEST_LINE = re.compile(rb"(?m)^(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1")
 
 
-class SlowProxy:
-    """A TCP proxy on 127.0.0.1 in front of the S3 server that holds every answer `delay` seconds (a
-    distant store), records the most connections it had open at once (requests in flight) and the
-    requests it passed on (`requests`: method and path, in order of arrival)."""
+class Proxy:
+    """A TCP proxy on 127.0.0.1 in front of the S3 server, for tests that need a store that is far
+    away or goes down.
 
-    def __init__(self, target_port: int, delay: float):
+    - `delay`: every answer is held that many seconds (a distant store); `most` is the most
+      connections open at once (requests in flight).
+    - `requests`: the requests passed on (method and path, in order of arrival).
+    - `down()` refuses new connections (the listener closes) and resets the open ones; `up()`
+      listens again on the same port."""
+
+    def __init__(self, target_port: int, delay: float = 0.0):
         self.target, self.delay = target_port, delay
-        self.open = self.most = 0
+        self.port = free_port()
+        self.open: set[socket.socket] = set()
+        self.most = 0
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.up()
 
-    def _accept(self) -> None:
+    def up(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for sock in self.open:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+                sock.close()
+            self.open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
         while True:
-            client, _ = self.listener.accept()
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
             upstream = socket.create_connection(("127.0.0.1", self.target))
             with self.lock:
-                self.open += 1
-                self.most = max(self.most, self.open)
-            threading.Thread(target=self._pump, args=(client, upstream, 0.0), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, self.delay), daemon=True).start()
+                self.open.update((client, upstream))
+                self.most = max(self.most, len(self.open) // 2)
+            threading.Thread(target=self._pump, args=(client, upstream, 0.0, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, self.delay, False), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, delay: float) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, delay: float, asked: bool) -> None:
         try:
             while data := src.recv(65536):
-                if not delay:  # the client's side: request lines (reads send no body to mistake for one)
+                if asked:  # the client's side: request lines (reads send no body to mistake for one)
                     with self.lock:
                         self.requests += [(m.decode(), p.decode()) for m, p in REQUEST_LINE.findall(data)]
                 time.sleep(delay)
@@ -149,8 +170,8 @@ class SlowProxy:
         except OSError:
             pass
         finally:
-            for sock in (src, dst):
-                sock.close()
-            if delay:
-                with self.lock:
-                    self.open -= 1
+            with self.lock:
+                for sock in (src, dst):
+                    if sock in self.open:
+                        self.open.discard(sock)
+                        sock.close()

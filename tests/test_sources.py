@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from images import jpeg_bytes, upload_tree, write_imagefolder
-from processes import SlowProxy
+from processes import Proxy
 
 from pipeline import schema
 from pipeline.config import PrepareConfig, StorageConfig
@@ -112,7 +112,7 @@ def test_raw_files_in_a_bucket_are_read_with_requests_in_flight_and_kept_in_orde
     images = {f"many/img_{i:03d}.jpg": jpeg_bytes(seed=i) for i in range(48)}
     for key, data in images.items():
         s3.put_object(Bucket=bucket, Key=key, Body=data)
-    proxy = SlowProxy(int(s3_endpoint.rsplit(":", 1)[1]), delay=0.05)
+    proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]), delay=0.05)
     source = open_images(f"s3://{bucket}/many", StorageConfig(endpoint_url=f"http://127.0.0.1:{proxy.port}"))
     rows = source.head_rows(48)
     assert [r[schema.KEY] for r in rows] == [k.removeprefix("many/").removesuffix(".jpg") for k in images]

@@ -8,8 +8,6 @@ import io
 import json
 import os
 import re
-import socket
-import struct
 import subprocess
 import sys
 import tarfile
@@ -20,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from images import prepare_without_ray, upload_tree, write_imagefolder
-from processes import free_port, wait_for_port
+from processes import Proxy, free_port, wait_for_port
 
 from pipeline import storage
 from pipeline.config import StorageConfig
@@ -175,58 +173,7 @@ def test_refused_credentials_are_named_not_printed(tmp_path):
     assert "s3cr3t-value" not in out
 
 
-class FlakyProxy:
-    """A TCP proxy on 127.0.0.1 in front of the S3 server. `down()` refuses new connections (the
-    listener closes) and resets the open ones; `up()` listens again on the same port."""
-
-    def __init__(self, target_port: int):
-        self.target = target_port
-        self.port = free_port()
-        self.open: set[socket.socket] = set()
-        self.resets = 0
-        self.lock = threading.Lock()
-        self.up()
-
-    def up(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def down(self) -> None:
-        self.listener.close()
-        with self.lock:
-            for sock in list(self.open):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
-                sock.close()
-                self.resets += 1
-            self.open.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            with self.lock:
-                self.open.update((client, upstream))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with self.lock:
-                for sock in (src, dst):
-                    if sock in self.open:
-                        self.open.discard(sock)
-                        sock.close()
-
-
-def _job_through(proxy: FlakyProxy, job: str, *settings: str) -> subprocess.Popen:
+def _job_through(proxy: Proxy, job: str, *settings: str) -> subprocess.Popen:
     """`imgpipe <job> --set ...` on an embedded Ray, its S3 traffic through the proxy."""
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "TQDM_DISABLE": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -234,7 +181,7 @@ def _job_through(proxy: FlakyProxy, job: str, *settings: str) -> subprocess.Pope
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _prepare_through(proxy: FlakyProxy, bucket: str, *settings: str) -> subprocess.Popen:
+def _prepare_through(proxy: Proxy, bucket: str, *settings: str) -> subprocess.Popen:
     """`imgpipe prepare` of s3://bucket/raw into s3://bucket/out, through the proxy."""
     return _job_through(
         proxy,
@@ -264,7 +211,7 @@ def _when_first_shard_lands(
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=unfinished)  # mid-run
 
 
-def _fails_in_one_line_while_down(proxy: FlakyProxy, job: subprocess.Popen, name: str, bucket: str) -> None:
+def _fails_in_one_line_while_down(proxy: Proxy, job: subprocess.Popen, name: str, bucket: str) -> None:
     """Take the store away until the job ends: it must fail in one line that names the URI and the budget."""
     proxy.down()
     try:
@@ -281,7 +228,7 @@ def _fails_in_one_line_while_down(proxy: FlakyProxy, job: subprocess.Popen, name
     ), line
 
 
-def _completes_through_an_outage(proxy: FlakyProxy, job: subprocess.Popen, seconds: float) -> str:
+def _completes_through_an_outage(proxy: Proxy, job: subprocess.Popen, seconds: float) -> str:
     """Take the store away until the job has met the outage (a retry logged), then `seconds` more, then bring it
     back: the job must retry, say so, and succeed; returns its stdout."""
     lines: dict[str, list[str]] = {"out": [], "err": []}
@@ -311,7 +258,7 @@ def _completes_through_an_outage(proxy: FlakyProxy, job: subprocess.Popen, secon
 def test_a_store_failing_for_seconds_mid_job_loses_and_duplicates_nothing(s3, s3_endpoint, bucket, tmp_path):
     write_imagefolder(tmp_path / "raw", {"a": 12, "b": 12}, size=(32, 32))
     upload_tree(s3, bucket, tmp_path / "raw", "raw")
-    proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
     job = _prepare_through(proxy, bucket)
     _when_first_shard_lands(s3, bucket, job)
     out = _completes_through_an_outage(proxy, job, 3)
@@ -331,7 +278,7 @@ def test_a_store_failing_for_seconds_mid_job_loses_and_duplicates_nothing(s3, s3
 def test_a_store_down_past_the_retry_budget_fails_in_one_line_and_claims_nothing(s3, s3_endpoint, bucket, tmp_path):
     write_imagefolder(tmp_path / "raw", {"a": 12, "b": 12}, size=(32, 32))
     upload_tree(s3, bucket, tmp_path / "raw", "raw")
-    proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
     job = _prepare_through(proxy, bucket, "storage.retry_seconds=3")
     _when_first_shard_lands(s3, bucket, job)
     _fails_in_one_line_while_down(proxy, job, "prepare", bucket)
@@ -339,7 +286,7 @@ def test_a_store_down_past_the_retry_budget_fails_in_one_line_and_claims_nothing
     assert "out/manifest.json" not in names and "out/classes.json" not in names
 
 
-def _features_through(proxy: FlakyProxy, bucket: str, *settings: str) -> subprocess.Popen:
+def _features_through(proxy: Proxy, bucket: str, *settings: str) -> subprocess.Popen:
     """`imgpipe features` of s3://bucket/prepared into s3://bucket/out, through the proxy."""
     return _job_through(
         proxy,
@@ -379,7 +326,7 @@ def _whole_parts(s3, bucket: str, manifest: dict) -> dict[str, list[str]]:
 @pytest.mark.timeout(300)
 def test_features_through_a_store_failing_for_seconds_completes_exactly_once(s3, s3_endpoint, bucket, tmp_path):
     manifest = _prepared_in(bucket, tmp_path)
-    proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
     job = _features_through(proxy, bucket)
     _when_first_shard_lands(s3, bucket, job, ".parquet", "out/errors.jsonl")
     out = _completes_through_an_outage(proxy, job, 3)
@@ -397,7 +344,7 @@ def test_features_with_the_store_down_past_the_budget_fails_in_one_line_and_clai
     s3, s3_endpoint, bucket, tmp_path
 ):
     manifest = _prepared_in(bucket, tmp_path)
-    proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
     job = _features_through(proxy, bucket, "storage.retry_seconds=3")
     _when_first_shard_lands(s3, bucket, job, ".parquet", "out/errors.jsonl")
     _fails_in_one_line_while_down(proxy, job, "features", bucket)
