@@ -173,23 +173,24 @@ def test_refused_credentials_are_named_not_printed(tmp_path):
     assert "s3cr3t-value" not in out
 
 
-def _job_through(proxy: Proxy, job: str, *settings: str) -> subprocess.Popen:
-    """`imgpipe <job> --set ...` on an embedded Ray, its S3 traffic through the proxy."""
+def _job_through(proxy: Proxy, ray_address: str, job: str, *settings: str) -> subprocess.Popen:
+    """`imgpipe <job> --set ...` joining the session's Ray, its S3 traffic (the driver's and, through the
+    runtime env the job sends, its workers') through the proxy."""
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "TQDM_DISABLE": "1"}
-    env.pop("RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = ray_address
     cmd = [sys.executable, "-m", f"jobs.{job}", "--set=storage.max_attempts=2", *(f"--set={s}" for s in settings)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _prepare_through(proxy: Proxy, bucket: str, *settings: str) -> subprocess.Popen:
+def _prepare_through(proxy: Proxy, ray_address: str, bucket: str, *settings: str) -> subprocess.Popen:
     """`imgpipe prepare` of s3://bucket/raw into s3://bucket/out, through the proxy."""
     return _job_through(
         proxy,
+        ray_address,
         "prepare",
         f"prepare.source=s3://{bucket}/raw",
         f"prepare.output=s3://{bucket}/out",
         "prepare.shard_max_samples=3",
-        "ray.num_cpus=2",
         *settings,
     )
 
@@ -255,11 +256,13 @@ def _completes_through_an_outage(proxy: Proxy, job: subprocess.Popen, seconds: f
 
 
 @pytest.mark.timeout(300)
-def test_a_store_failing_for_seconds_mid_job_loses_and_duplicates_nothing(s3, s3_endpoint, bucket, tmp_path):
+def test_a_store_failing_for_seconds_mid_job_loses_and_duplicates_nothing(
+    s3, s3_endpoint, ray_address, bucket, tmp_path
+):
     write_imagefolder(tmp_path / "raw", {"a": 12, "b": 12}, size=(32, 32))
     upload_tree(s3, bucket, tmp_path / "raw", "raw")
     proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    job = _prepare_through(proxy, bucket)
+    job = _prepare_through(proxy, ray_address, bucket)
     _when_first_shard_lands(s3, bucket, job)
     out = _completes_through_an_outage(proxy, job, 3)
     assert "inputs 24 = samples 24 + rejected 0" in out
@@ -275,21 +278,24 @@ def test_a_store_failing_for_seconds_mid_job_loses_and_duplicates_nothing(s3, s3
 
 
 @pytest.mark.timeout(300)
-def test_a_store_down_past_the_retry_budget_fails_in_one_line_and_claims_nothing(s3, s3_endpoint, bucket, tmp_path):
+def test_a_store_down_past_the_retry_budget_fails_in_one_line_and_claims_nothing(
+    s3, s3_endpoint, ray_address, bucket, tmp_path
+):
     write_imagefolder(tmp_path / "raw", {"a": 12, "b": 12}, size=(32, 32))
     upload_tree(s3, bucket, tmp_path / "raw", "raw")
     proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    job = _prepare_through(proxy, bucket, "storage.retry_seconds=3")
+    job = _prepare_through(proxy, ray_address, bucket, "storage.retry_seconds=3")
     _when_first_shard_lands(s3, bucket, job)
     _fails_in_one_line_while_down(proxy, job, "prepare", bucket)
     names = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])]
     assert "out/manifest.json" not in names and "out/classes.json" not in names
 
 
-def _features_through(proxy: Proxy, bucket: str, *settings: str) -> subprocess.Popen:
+def _features_through(proxy: Proxy, ray_address: str, bucket: str, *settings: str) -> subprocess.Popen:
     """`imgpipe features` of s3://bucket/prepared into s3://bucket/out, through the proxy."""
     return _job_through(
         proxy,
+        ray_address,
         "features",
         f"features.source=s3://{bucket}/prepared",
         f"features.output=s3://{bucket}/out",
@@ -324,10 +330,12 @@ def _whole_parts(s3, bucket: str, manifest: dict) -> dict[str, list[str]]:
 
 
 @pytest.mark.timeout(300)
-def test_features_through_a_store_failing_for_seconds_completes_exactly_once(s3, s3_endpoint, bucket, tmp_path):
+def test_features_through_a_store_failing_for_seconds_completes_exactly_once(
+    s3, s3_endpoint, ray_address, bucket, tmp_path
+):
     manifest = _prepared_in(bucket, tmp_path)
     proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    job = _features_through(proxy, bucket)
+    job = _features_through(proxy, ray_address, bucket)
     _when_first_shard_lands(s3, bucket, job, ".parquet", "out/errors.jsonl")
     out = _completes_through_an_outage(proxy, job, 3)
     assert "inputs 24 = embedded 24 + rejected 0; 9 parts written this run" in out
@@ -341,11 +349,11 @@ def test_features_through_a_store_failing_for_seconds_completes_exactly_once(s3,
 
 @pytest.mark.timeout(300)
 def test_features_with_the_store_down_past_the_budget_fails_in_one_line_and_claims_nothing(
-    s3, s3_endpoint, bucket, tmp_path
+    s3, s3_endpoint, ray_address, bucket, tmp_path
 ):
     manifest = _prepared_in(bucket, tmp_path)
     proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    job = _features_through(proxy, bucket, "storage.retry_seconds=3")
+    job = _features_through(proxy, ray_address, bucket, "storage.retry_seconds=3")
     _when_first_shard_lands(s3, bucket, job, ".parquet", "out/errors.jsonl")
     _fails_in_one_line_while_down(proxy, job, "features", bucket)
     keys = _whole_parts(s3, bucket, manifest)  # the parts written before the outage, each whole
