@@ -14,6 +14,9 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["TQDM_DISABLE"] = "1"
+# Ray Train's controller looks at its workers every 2 s by default, and a short run waits on that
+# poll at each step (start, finish, a fault): 0.5 s saves 3-6 s per fine-tuning run on 2 cores.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Offline, as our users' clusters often are: no process of the session may reach beyond this
 # machine (tests/offline/sitecustomize.py, loaded by every Python process started from here).
 OFFLINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "offline")
