@@ -3,7 +3,7 @@
 pyarrow.fs rather than fsspec: Ray Data takes pyarrow filesystems natively, its S3 and GCS
 clients are C++ (multi-threaded, no GIL), it ships with pyarrow (already required), and it is
 picklable, so the same object travels to every Ray task. Whole-object S3 reads are the exception:
-obstore, one GET each where pyarrow sends a HEAD first (see `read_bytes`). Credentials come only from the
+obstore, one GET each where pyarrow sends a HEAD first (`pipeline.objectstore`). Credentials come only from the
 standard AWS/GCP chains; this module hands them to the client and never prints or writes them.
 """
 
@@ -16,7 +16,6 @@ import posixpath
 import re
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -37,6 +36,11 @@ TRANSIENT = re.compile(
 
 class StorageError(OSError):
     """A URI that cannot be used; the message names the URI and what to do."""
+
+
+class Transient(OSError):
+    """A failure that goes away by itself (no answer, 429, 5xx), its message the short reason: `retrying`
+    retries it within the budget. pyarrow's errors are strings, matched by `TRANSIENT` instead."""
 
 
 class StorageUnavailable(StorageError):
@@ -106,7 +110,11 @@ def read_bytes(loc: Location) -> bytes:
         if any(part in ("", ".", "..") for part in loc.path.partition("/")[2].split("/")):
             # Legal in an S3 key, but neither obstore's paths nor pyarrow's can hold them.
             raise StorageError(f"{loc.uri}: a key with an empty, '.' or '..' segment cannot be read; rename it")
-        return retrying(loc, partial(_get_object, loc, made))
+        from pipeline import objectstore  # obstore: imported by the processes that read from S3 only
+
+        data = retrying(loc, partial(objectstore.get, loc, made))
+        if data is not None:
+            return data  # else a key obstore cannot name (a control character): pyarrow can
     return retrying(loc, partial(_read_stream, loc))
 
 
@@ -162,8 +170,10 @@ def retrying(loc: Location, call: Callable[[], T]) -> T:
     while True:
         try:
             return call()
+        except StorageError:
+            raise
         except OSError as exc:  # FileNotFoundError included
-            if not TRANSIENT.search(str(exc)):
+            if not (isinstance(exc, Transient) or TRANSIENT.search(str(exc))):
                 raise explain(exc, loc.uri) from None
             left = deadline - time.monotonic()
             if left <= 0:
@@ -180,6 +190,8 @@ def retrying(loc: Location, call: Callable[[], T]) -> T:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc)
+    if isinstance(exc, Transient):
+        return text
     found = re.search(r"Could not connect to server|Connection reset by peer|Recv failure[^;\n]*|HTTP status \d+", text)
     found = found or TRANSIENT.search(text)
     return found.group(0) if found else type(exc).__name__
@@ -190,19 +202,30 @@ def explain(exc: BaseException, uri: str) -> StorageError:
     text = str(exc)
     bucket = re.search(r"bucket '([^']+)'", text)
     if "NO_SUCH_BUCKET" in text:
-        name = bucket.group(1) if bucket else uri
-        return StorageError(f"{uri}: bucket '{name}' does not exist; check the bucket name and the endpoint")
+        return missing_bucket(uri, bucket.group(1) if bucket else uri)
     if any(s in text for s in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "Forbidden")):
-        return StorageRefused(
-            f"{uri}: access refused; check the credentials of the standard AWS chain "
-            "(AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, instance role) and the bucket policy"
-        )
+        return refused(uri)
     if isinstance(exc, FileNotFoundError) or "does not exist" in text or "NotFound" in text:
-        return StorageError(f"{uri}: no such file or prefix; check the path")
+        return missing_object(uri)
     if "NETWORK_CONNECTION" in text or "Connection refused" in text or "curlCode" in text:
         return StorageError(f"{uri}: cannot reach the storage endpoint; check AWS_ENDPOINT_URL / storage.endpoint_url")
     first = text.splitlines()[0] if text else type(exc).__name__
     return StorageError(f"{uri}: {first}")
+
+
+def missing_bucket(uri: str, bucket: str) -> StorageError:
+    return StorageError(f"{uri}: bucket '{bucket}' does not exist; check the bucket name and the endpoint")
+
+
+def missing_object(uri: str) -> StorageError:
+    return StorageError(f"{uri}: no such file or prefix; check the path")
+
+
+def refused(uri: str) -> StorageRefused:
+    return StorageRefused(
+        f"{uri}: access refused; check the credentials of the standard AWS chain "
+        "(AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, instance role) and the bucket policy"
+    )
 
 
 def _endpoint(cfg: StorageConfig) -> str | None:
@@ -245,68 +268,6 @@ def _reduce_s3(fs: pafs.S3FileSystem):
 
 
 copyreg.pickle(pafs.S3FileSystem, _reduce_s3)
-
-
-@lru_cache(maxsize=None)
-def _object_store(bucket: str, endpoint: str | None, region: str, anonymous: bool, max_attempts: int):
-    """An obstore `S3Store` for one bucket of the store that `_s3` makes, with its settings (one per process).
-    Credentials: the standard AWS chain, as pyarrow's (environment keys, else boto3's chain: profile, SSO,
-    instance role, refreshed as they expire); none found or `anonymous`, requests go unsigned, as pyarrow's do."""
-    from obstore.store import S3Store
-
-    # A stalled connection fails after a minute without a byte; a large shard may take as long as it needs
-    # (obstore's default ends any request after 30 s, body included: a 1 GB shard on a slow link).
-    client = {"read_timeout": "60s", "timeout": "1h", "allow_http": bool(endpoint and endpoint.startswith("http://"))}
-    kwargs: dict = {"region": region, "retry_config": {"max_retries": max_attempts - 1}, "client_options": client}
-    if endpoint:  # as `_s3`: no scheme is https (obstore would panic on the first request)
-        kwargs["endpoint"] = endpoint if "://" in endpoint else f"https://{endpoint}"
-    if anonymous:
-        kwargs["skip_signature"] = True
-    elif not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
-        # Keys in the environment obstore reads itself; any other source (profile, SSO, role) through boto3,
-        # imported only then (a quarter of a second in every Ray worker that reads).
-        import boto3
-        import botocore.exceptions
-        from obstore.auth.boto3 import Boto3CredentialProvider
-
-        try:
-            session = boto3.session.Session()
-            found = session.get_credentials()
-        except botocore.exceptions.BotoCoreError as exc:  # a profile that is not there, say
-            raise OSError(f"ACCESS_DENIED (AWS credentials: {exc})") from None
-        if found is None:
-            kwargs["skip_signature"] = True
-        else:  # botocore hands out credentials with >= 10 min left: kept longer, an expiring role's would lapse
-            kwargs["credential_provider"] = Boto3CredentialProvider(session, ttl=timedelta(minutes=10))
-    return S3Store(bucket, **kwargs)
-
-
-def _get_object(loc: Location, made: tuple) -> bytes:
-    """One GET through obstore (Rust: no GIL held, less CPU than pyarrow's client, and no HEAD). Its errors
-    become OSErrors worded as pyarrow's, which `retrying` and `explain` read."""
-    import obstore
-    from obstore.exceptions import BaseError, NotFoundError, PermissionDeniedError, UnauthenticatedError
-
-    bucket, _, key = loc.path.partition("/")
-    store = _object_store(bucket, *made[:4])
-    try:
-        return bytes(obstore.get(store, key).bytes())
-    except ValueError:  # raised before any request: a control character in the key, which pyarrow's paths hold
-        return _read_stream(loc)
-    except (FileNotFoundError, NotFoundError) as exc:  # obstore raises the builtin one for a 404
-        if "NoSuchBucket" in str(exc):
-            raise OSError(f"NO_SUCH_BUCKET: bucket '{bucket}'") from None
-        raise FileNotFoundError(f"{loc.uri}: NotFound") from None
-    except (PermissionError, PermissionDeniedError, UnauthenticatedError) as exc:
-        raise OSError(f"ACCESS_DENIED ({type(exc).__name__})") from None
-    except BaseError as exc:  # a status the store answered (after obstore's retries), or no answer at all
-        text = str(exc)
-        status = re.search(r"status(?: code)?:? (\d{3})", text)
-        if "ExpiredToken" in text or (status and status.group(1) in ("401", "403")):
-            raise OSError(f"ACCESS_DENIED ({text.splitlines()[0]})") from None
-        if status:
-            raise OSError(f"HTTP status {status.group(1)}: {text.splitlines()[0]}") from None
-        raise OSError(f"NETWORK_CONNECTION: {text.splitlines()[0] if text else type(exc).__name__}") from None
 
 
 @lru_cache(maxsize=None)

@@ -20,7 +20,7 @@ import pytest
 from images import prepare_without_ray, upload_tree, write_imagefolder
 from processes import Proxy, free_port, wait_for_port
 
-from pipeline import storage
+from pipeline import objectstore, storage
 from pipeline.config import StorageConfig
 
 ROOT = Path(__file__).parent.parent
@@ -66,17 +66,27 @@ def test_an_endpoint_without_a_scheme_and_a_missing_profile_are_one_line_errors(
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
-    storage._object_store.cache_clear()
+    objectstore.store.cache_clear()
     try:
         with pytest.raises(storage.StorageRefused, match=rf"^s3://{bucket}/k: access refused; check the credentials"):
             storage.read_bytes(storage.resolve(f"s3://{bucket}/k", StorageConfig(retry_seconds=0)))
     finally:
-        storage._object_store.cache_clear()
+        objectstore.store.cache_clear()
 
 
-def test_throttling_is_transient():
+def test_throttling_is_transient_and_an_expired_token_a_refusal():
+    """pyarrow's errors are strings matched by `TRANSIENT`; obstore's are sorted by `objectstore.answered`."""
     assert storage.TRANSIENT.search("HTTP status 429: SlowDown") and storage.TRANSIENT.search("HTTP status 503: x")
     assert not storage.TRANSIENT.search("HTTP status 400: ExpiredToken")
+    said = "Generic S3 error: Error performing GET http://h/b/k in 1s - Server returned non-2xx status code: "
+    uri = "s3://b/k"
+    for status, kind in ((429, objectstore.Transient), (503, objectstore.Transient), (403, storage.StorageRefused)):
+        assert type(objectstore.answered(uri, f"{said}{status} x: ...")) is kind, status
+    assert type(objectstore.answered(uri, f"{said}400 Bad Request: ExpiredToken")) is storage.StorageRefused
+    other = objectstore.answered(uri, f"{said}400 Bad Request: InvalidRequest")
+    assert type(other) is storage.StorageError and str(other).startswith("s3://b/k: HTTP status 400: ")
+    refused = objectstore.answered(uri, "Generic S3 error: error sending request: Connection refused (os error 111)")
+    assert type(refused) is objectstore.Transient and str(refused) == "Connection refused"
 
 
 def test_gzip_objects_are_not_decompressed(tmp_path):
