@@ -3,7 +3,8 @@ requests, the round trips and the bill). obstore is Rust: no GIL held while it w
 request than pyarrow's client. Listings, writes and GCS stay on pyarrow (`pipeline.storage`).
 
 obstore's errors are typed; `get` sorts them once into the errors `storage.retrying` acts on: `Transient`
-(retried within the budget), `StorageRefused`, and `StorageError` for a missing bucket or object.
+(retried within the budget), `StorageRefused`, and `StorageError` for a missing bucket or object, a wrong
+region or endpoint, or any other status, named.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import re
 from datetime import timedelta
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 from pipeline.storage import Location, StorageError, Transient, missing_bucket, missing_object, refused
 
@@ -30,6 +32,12 @@ def store(bucket: str, endpoint: str | None, region: str, anonymous: bool, max_a
     kwargs: dict = {"region": region, "retry_config": {"max_retries": max_attempts - 1}, "client_options": client}
     if endpoint:  # as `_s3`: no scheme is https (obstore would panic on the first request)
         kwargs["endpoint"] = endpoint if "://" in endpoint else f"https://{endpoint}"
+        try:  # obstore panics (an exception no `except Exception` catches) on a port or host it cannot parse
+            _ = urlsplit(kwargs["endpoint"]).port
+        except ValueError as exc:
+            raise StorageError(
+                f"storage endpoint {endpoint!r}: {exc}; check AWS_ENDPOINT_URL / storage.endpoint_url"
+            ) from None
     if anonymous:
         kwargs["skip_signature"] = True
     elif not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
@@ -60,7 +68,7 @@ def get(loc: Location, made: tuple) -> bytes | None:
     bucket, _, key = loc.path.partition("/")
     try:
         return bytes(obstore.get(store(bucket, *made[:4]), key).bytes())
-    except ValueError:  # raised before any request
+    except ValueError:  # raised before any request: a key obstore's paths cannot parse
         return None
     except (FileNotFoundError, NotFoundError) as exc:  # obstore raises the builtin one for a 404
         raise missing_bucket(loc.uri, bucket) if "NoSuchBucket" in str(exc) else missing_object(loc.uri) from None
@@ -72,11 +80,17 @@ def get(loc: Location, made: tuple) -> bytes | None:
 
 def answered(uri: str, text: str) -> OSError:
     """The error for obstore's `text` about `uri`: a refusal (401, 403, an expired token), a transient failure
-    (429, 5xx, or no HTTP status: the store did not answer), or any other status, named."""
+    (429, 5xx, or no HTTP status: the store did not answer), a wrong region or endpoint, or any other status,
+    named. The status is read from the first line, before the body, and the token's expiry from S3's XML
+    error code: a key (quoted in the text) that reads "status 200" or "ExpiredToken" changes nothing."""
     first = text.splitlines()[0]
-    status = re.search(r"status(?: code)?:? (\d{3})", text)
-    if "ExpiredToken" in text or (status and status.group(1) in ("401", "403")):
+    status = re.search(r"non-2xx status code: (\d{3})", first)
+    if "<Code>ExpiredToken</Code>" in text or (status and status.group(1) in ("401", "403")):
         return refused(uri)
+    if status is None and "redirect" in first:  # S3 redirects a request sent to another region's endpoint
+        return StorageError(f"{uri}: the store redirected the request; check storage.region / AWS_REGION")
+    if status is None and "builder error" in text:  # an endpoint obstore cannot build a request for
+        return StorageError(f"{uri}: the endpoint is not a usable URL; check AWS_ENDPOINT_URL / storage.endpoint_url")
     if status is None:  # no answer: the connection was refused, reset or timed out
         reason = re.search(r"[Cc]onnection (?:refused|reset|closed)|timed out|dns error", text)
         return Transient(reason.group(0) if reason else "no answer")

@@ -22,6 +22,8 @@ from processes import Proxy, free_port, wait_for_port
 
 from pipeline import objectstore, storage
 from pipeline.config import StorageConfig
+from pipeline.storage import StorageRefused as Refused
+from pipeline.storage import Transient
 
 ROOT = Path(__file__).parent.parent
 
@@ -74,19 +76,28 @@ def test_an_endpoint_without_a_scheme_and_a_missing_profile_are_one_line_errors(
         objectstore.store.cache_clear()
 
 
-def test_throttling_is_transient_and_an_expired_token_a_refusal():
-    """pyarrow's errors are strings matched by `TRANSIENT`; obstore's are sorted by `objectstore.answered`."""
+def test_obstore_errors_are_sorted_transient_refused_or_named():
+    """pyarrow's errors are strings matched by `TRANSIENT`; obstore's are sorted by `objectstore.answered`,
+    with the status read from the first line (a key quoted in the text does not count)."""
     assert storage.TRANSIENT.search("HTTP status 429: SlowDown") and storage.TRANSIENT.search("HTTP status 503: x")
     assert not storage.TRANSIENT.search("HTTP status 400: ExpiredToken")
-    said = "Generic S3 error: Error performing GET http://h/b/k in 1s - Server returned non-2xx status code: "
     uri = "s3://b/k"
-    for status, kind in ((429, objectstore.Transient), (503, objectstore.Transient), (403, storage.StorageRefused)):
-        assert type(objectstore.answered(uri, f"{said}{status} x: ...")) is kind, status
-    assert type(objectstore.answered(uri, f"{said}400 Bad Request: ExpiredToken")) is storage.StorageRefused
-    other = objectstore.answered(uri, f"{said}400 Bad Request: InvalidRequest")
+
+    def said(status: str, key: str = "k", body: str = "<Error>...</Error>") -> OSError:
+        text = f"Generic S3 error: Error performing GET http://h/b/{key} in 1s - Server returned non-2xx status code: "
+        return objectstore.answered(uri, f"{text}{status}: {body}\n\nDebug source: ... for path {key}")
+
+    for status, kind in (("429 Too Many", Transient), ("503 Unavailable", Transient), ("403 Forbidden", Refused)):
+        assert type(said(status)) is kind, status
+    assert type(said("400 Bad Request", body="<Error>\n<Code>ExpiredToken</Code>\n</Error>")) is Refused
+    other = said("400 Bad Request", key="ExpiredToken-status 503.jpg")
     assert type(other) is storage.StorageError and str(other).startswith("s3://b/k: HTTP status 400: ")
     refused = objectstore.answered(uri, "Generic S3 error: error sending request: Connection refused (os error 111)")
-    assert type(refused) is objectstore.Transient and str(refused) == "Connection refused"
+    assert type(refused) is Transient and str(refused) == "Connection refused"
+    region = objectstore.answered(uri, "Generic S3 error: Received redirect without LOCATION, this normally ...")
+    assert str(region) == "s3://b/k: the store redirected the request; check storage.region / AWS_REGION"
+    with pytest.raises(storage.StorageError, match=r"^storage endpoint 'http://h:99999': Port out of range"):
+        objectstore.store("b", "http://h:99999", "us-east-1", False, 1)
 
 
 def test_gzip_objects_are_not_decompressed(tmp_path):
