@@ -309,9 +309,8 @@ def write_report(cfg: Config, sets: TrainSets, out: storage.Location, metrics: d
 
 def checkpoint_state(checkpoint) -> dict:
     """The run state (history, best) saved in a checkpoint."""
-    with checkpoint.as_directory() as folder:
-        with open(os.path.join(folder, trainloop.STATE_FILE)) as f:
-            return json.load(f)
+    with trainloop.checkpoint_folder(checkpoint) as folder:
+        return json.loads((folder / trainloop.STATE_FILE).read_text())
 
 
 def export_model(
@@ -319,8 +318,8 @@ def export_model(
 ) -> None:
     """model.pt (the architecture's own state dict names, the new classifier as its final layer)
     and model.json, which `model.weights=<output>/model.pt` reads back in classify and features."""
-    with checkpoint.as_directory() as folder:
-        tensors = torch.load(os.path.join(folder, trainloop.TENSORS_FILE), map_location="cpu", weights_only=True)
+    with trainloop.checkpoint_folder(checkpoint) as folder:
+        tensors = torch.load(folder / trainloop.TENSORS_FILE, map_location="cpu", weights_only=True)
     model = transfer.FineTuneModel(replace(weights, state_dict=None), len(classes))
     model.load_state_dict(tensors["model"])
     buf = io.BytesIO()

@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import ray
@@ -37,6 +38,17 @@ log = logging.getLogger("imgpipe")
 STATE_FILE = "state.json"
 TENSORS_FILE = "state.pt"
 TOPK = 5
+
+
+@contextlib.contextmanager
+def checkpoint_folder(checkpoint) -> Iterator[Path]:
+    """The checkpoint's files in a folder of this process's own, removed afterwards. Not `as_directory`: it shares
+    one folder per node between the ranks that restore the same checkpoint, and a rank done with it deletes it
+    under another still reading (Ray 2.60 counts the other readers before it takes the lock, and one can arrive
+    in between: a restarted worker group then fails on a missing state.pt)."""
+    with tempfile.TemporaryDirectory(prefix="imgpipe-checkpoint-") as folder:
+        checkpoint.to_directory(folder)
+        yield Path(folder)
 
 
 @dataclass
@@ -263,7 +275,7 @@ class FinetuneRunner:
         """Carry on from a checkpoint (a restarted worker group, or the same run started again)."""
         if checkpoint is None:
             return
-        with checkpoint.as_directory() as folder:
+        with checkpoint_folder(checkpoint) as folder:
             tensors = torch.load(Path(folder) / TENSORS_FILE, map_location=self.device, weights_only=True)
             self.state = json.loads((Path(folder) / STATE_FILE).read_text())
         self.model.load_state_dict(tensors["model"])

@@ -14,7 +14,7 @@ import torch
 from images import CLASS_COLORS, jpeg_bytes, upload_tree, write_shards
 
 from jobs import finetune as finetune_job
-from pipeline import finetune, predict
+from pipeline import finetune, predict, storage, trainloop
 from pipeline.config import ClassifyConfig, ModelConfig, build_config
 from pipeline.models import SimpleCNN
 
@@ -122,6 +122,21 @@ def test_a_finished_run_is_not_run_again_and_another_config_is_refused(baseline,
     assert again["already_finished"] and again["best_epoch"] == baseline["best_epoch"]
     with pytest.raises(ValueError, match=r"another config or input \(finetune\.lr: 0\.003 there, 0\.01 now\)"):
         finetune.run(build_config(base_config(colours, "baseline", lr=0.01)))
+
+
+def test_each_reader_of_a_checkpoint_gets_a_folder_of_its_own(s3, bucket):
+    """Ray's `as_directory` shares one folder per node between the readers of a checkpoint, and a reader leaving
+    deletes it under another: ranks restoring after a fault then failed on a missing state.pt."""
+    from ray.train import Checkpoint
+
+    s3.put_object(Bucket=bucket, Key="ckpt/state.json", Body=b'{"epoch": 1}')
+    loc = storage.resolve(f"s3://{bucket}/ckpt")
+    checkpoint = Checkpoint(loc.path, filesystem=loc.fs)
+    with trainloop.checkpoint_folder(checkpoint) as first:
+        with trainloop.checkpoint_folder(checkpoint) as second:
+            assert first != second
+        assert json.loads((first / "state.json").read_text()) == {"epoch": 1}  # still there for this reader
+    assert not first.exists() and not second.exists()
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)
