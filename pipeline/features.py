@@ -148,7 +148,8 @@ class Embedder:
             pixels = calibration.get() if isinstance(calibration, Shipped) else calibration
             x = self.normalize(readonly_tensor(pixels)).contiguous().numpy()
             path, made = quantize.int8_model(path, x, quantize.calibration_digest(pixels))
-            clock.notes.append("int8 quantised" if made else "int8 cached")
+            bits = ", 7-bit weights (no VNNI)" if quantize.weights_in_7_bits() else ""
+            clock.notes.append(("int8 quantised" if made else "int8 cached") + bits)
         return OnnxBackbone(path, threads)
 
     def __call__(self, batch: Batch) -> Batch:
