@@ -13,7 +13,8 @@ leave as uint8; `preprocessing.to_model_input` converts and normalises them on t
 Epochs are explicit: `TrainInput.dataset(epoch)` is a pure function of (seed, epoch), so a
 run resumed at epoch k sees what an uninterrupted run saw. Ray Train workers get their
 epoch's iterator from one `EpochSplits` actor (`worker_batches`), which makes one
-`streaming_split` per epoch and hands rank r its part.
+`streaming_split` of the train rows per epoch and hands rank r its part; the val rows are split
+once per run and iterated again each epoch.
 """
 
 from __future__ import annotations
@@ -227,11 +228,12 @@ def iter_train_batches(iterator, cfg: LoaderConfig, epoch: int, rank: int = 0) -
 
 @ray.remote(num_cpus=0)
 class EpochSplits:
-    """Hands Ray Train workers their iterators: one `streaming_split` per epoch (and per eval
-    round), part r to rank r.
+    """Hands Ray Train workers their iterators, part r to rank r: a `streaming_split` of the train rows
+    per epoch (each epoch has its own shard order and augmentation), and one of the val rows that every
+    epoch iterates again (the same rows each time, so one split coordinator serves the whole run).
 
-    A rank asking again for a round it already has (a restarted worker group) gets a fresh
-    split, so a resumed run starts its epoch from the beginning on every rank.
+    A rank asking again for a round it already has (a restarted worker group) gets a fresh split: the
+    old group may have left the old one mid-epoch, so a resumed run starts its round afresh on every rank.
     """
 
     def __init__(self, train_input: TrainInput, world_size: int) -> None:
@@ -244,6 +246,10 @@ class EpochSplits:
         if kind not in ("train", "val"):
             raise ValueError(f"unknown split kind {kind!r}; known: train, val")
         current = self.rounds.get(kind)
+        if current is not None and current[0] != epoch and len(current[2]) == self.world and kind == "val":
+            # Every rank went through the last round (its metrics were reduced over all of them before the
+            # next epoch began), so the split stands at an epoch boundary: iterate it again.
+            current = self.rounds[kind] = (epoch, current[1], set())
         if current is None or current[0] != epoch or rank in current[2]:
             parts = self.input.split(epoch, self.world) if kind == "train" else self.input.eval_split(self.world)
             current = self.rounds[kind] = (epoch, parts, set())

@@ -173,19 +173,30 @@ def test_eval_rows_are_not_augmented_and_each_comes_once(ray_session, dataset_di
     splits = epoch_splits(train_input, world_size=2)
 
     @ray.remote(num_cpus=0.25)
-    def eval_worker(rank: int) -> dict[str, np.ndarray]:
-        return {
-            k: p for b in worker_eval_batches(splits, pinned, 0, rank) for k, p in zip(b[schema.KEY], b[schema.PIXELS])
-        }
+    def eval_worker(epoch: int, rank: int) -> dict[str, np.ndarray]:
+        batches = worker_eval_batches(splits, pinned, epoch, rank)
+        return {k: p for b in batches for k, p in zip(b[schema.KEY], b[schema.PIXELS])}
 
-    parts = ray.get([eval_worker.remote(r) for r in range(2)])
+    coordinators = split_coordinators()
+    parts = ray.get([eval_worker.remote(0, r) for r in range(2)])
     assert sorted(k for part in parts for k in part) == [f"val{i:03d}" for i in range(6)]  # each once
     rows = {k: p for part in parts for k, p in part.items()}
     data = encode(gradient_array(40, 30, seed=103), "JPEG", quality=90)
     batch = {schema.KEY: np.array(["val003"], dtype=object), schema.IMAGE: np.array([data], dtype=object)}
     assert np.array_equal(rows["val003"], build_eval_transform(PREP)(batch)[schema.PIXELS][0])
+    # The next epoch iterates the same split again: the same rows, and no second split coordinator.
+    again = {k: p for part in ray.get([eval_worker.remote(1, r) for r in range(2)]) for k, p in part.items()}
+    assert again.keys() == rows.keys() and all(np.array_equal(again[k], rows[k]) for k in rows)
+    assert split_coordinators() == coordinators + 1
     with pytest.raises(ValueError, match="no validation source"):
         TrainInput(source.select(["train"]), PREP, AUGMENT, LOADER).eval_dataset()
+
+
+def split_coordinators() -> int:
+    """How many `streaming_split` coordinators this Ray has started, live or gone (the GCS's actor table)."""
+    import ray
+
+    return sum(a["ActorClassName"] == "SplitCoordinator" for a in ray._private.state.actors().values())
 
 
 def epoch_keys(source, loader: LoaderConfig, epoch: int) -> list[str]:
