@@ -87,3 +87,14 @@ def ray_address(ray_session) -> str:
     """The session Ray's GCS address, for job subprocesses that join it instead of starting their own
     (a Ray start costs about 4 CPU-seconds on this 2-core machine)."""
     return ray_session.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
+def open_head(s3_endpoint, tmp_path_factory):
+    """One `ray start --head` without authentication (RAY_AUTH_MODE=disabled), 2 CPUs, its Jobs API on, for
+    the tests that join a cluster by address (test_runtime) or submit to one without auth (test_submit): a
+    head costs about 10 s to start and stop on this 2-core machine."""
+    from processes import started_head
+
+    with started_head(tmp_path_factory.mktemp("open-head"), "disabled", num_cpus=2) as running:
+        yield running

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -99,6 +100,35 @@ def ray_head(env: dict[str, str], num_cpus: int = 2, dashboard_port: int | None 
     finally:
         stop(head)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A running head: its Jobs API URL, and the client environment that holds its token."""
+
+    url: str
+    env: dict[str, str]
+    token: str
+    port: int  # the GCS port, for `--address 127.0.0.1:<port>`
+
+
+@contextlib.contextmanager
+def started_head(home: Path, mode: str = "token", num_cpus: int = 4) -> Iterator[Head]:
+    """A head with its token in <home>/.ray/auth_token, where Ray looks (made once per home).
+
+    The head has S3 credentials (a node's own AWS chain) but not the endpoint: the jobs reach
+    the local S3 server only because `submit` forwards AWS_ENDPOINT_URL from the submitter."""
+    env = ray_env(HOME=str(home), TQDM_DISABLE="1", RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    token_file = home / ".ray" / "auth_token"
+    if mode == "token" and not token_file.exists():
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60, check=True)
+    head_env = {k: v for k, v in env.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    if mode == "disabled":
+        head_env["RAY_AUTH_MODE"] = "disabled"
+    dashboard = free_port()
+    with ray_head(head_env, num_cpus=num_cpus, dashboard_port=dashboard) as port:
+        token = token_file.read_text().strip() if mode == "token" else ""
+        yield Head(f"http://127.0.0.1:{dashboard}", env, token, port)
 
 
 def stop(proc: subprocess.Popen) -> None:

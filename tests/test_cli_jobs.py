@@ -1,9 +1,10 @@
 """features -> train-head -> classify as a user runs them: each job a subprocess of `imgpipe`, on an
-ImageFolder (features on an embedded Ray sized by ray.num_cpus, train-head with no Ray at all), with the
-printed summaries, exit codes and the config.yaml beside each output checked; then classify over a folder
-whose classes differ from the head's (reordered, one missing, one the head never saw), quiet (`-q`). In
-this process: a features run resumed with every part there; classify's resume, a changed run refused and
-then replaced with overwrite, and a missing source failing in one line."""
+ImageFolder (features on an embedded Ray sized by ray.num_cpus, train-head with no Ray at all, classify
+joining the session's Ray by RAY_ADDRESS), with the printed summaries, exit codes and the config.yaml
+beside each output checked; then classify over a folder whose classes differ from the head's (reordered,
+one missing, one the head never saw), quiet (`-q`). In this process: a features run resumed with every
+part there; classify's resume, a changed run refused and then replaced with overwrite, and a missing
+source failing in one line."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def ok(proc: subprocess.CompletedProcess) -> list[str]:
     return proc.stdout.splitlines()
 
 
-def test_features_train_head_classify_through_the_cli(tmp_path):
+def test_features_train_head_classify_through_the_cli(ray_address, tmp_path):
     write_imagefolder(tmp_path / "train", {"a": 12, "b": 12, "c": 12})
     feats, head, preds = tmp_path / "feats", tmp_path / "head", tmp_path / "preds"
 
@@ -60,8 +61,13 @@ def test_features_train_head_classify_through_the_cli(tmp_path):
         for path in sorted((tmp_path / "train" / source).glob("*.jpg"))[:count]:
             shutil.copy(path, new / name / path.name)
     args = ["--set", f"classify.source={new}", "--set", f"classify.output={preds}", "--set", f"classify.head={head}"]
-    # -q, with tqdm and Ray Data's progress bars left on: the summary on stdout and nothing on stderr.
-    loud = {k: v for k, v in ray_env().items() if k not in ("TQDM_DISABLE", "RAY_DATA_DISABLE_PROGRESS_BARS")}
+    # -q, with tqdm and Ray Data's progress bars left on: the summary on stdout and nothing on stderr. It joins
+    # the session's Ray (token auth, its token in ~/.ray) by RAY_ADDRESS: features above showed the embedded start.
+    loud = {
+        k: v
+        for k, v in ray_env(RAY_ADDRESS=ray_address, RAY_AUTH_MODE="token").items()
+        if k not in ("TQDM_DISABLE", "RAY_DATA_DISABLE_PROGRESS_BARS")
+    }
     classified = imgpipe("classify", "-q", *args, env=loud)
     lines = ok(classified)
     assert classified.stderr == ""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from images import write_imagefolder
-from processes import ray_env, ray_head
+from processes import ray_env
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.timeout(240)
@@ -30,32 +30,32 @@ def run_prepare(src: Path, out: Path, *extra: str, env: dict | None = None) -> s
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=180, env=env or _env())
 
 
-@pytest.mark.timeout(360)  # a head and three drivers, on a loaded 2-core machine
-def test_joins_a_cluster_given_by_address_or_ray_address(tmp_path):
+@pytest.mark.timeout(360)  # three drivers, on a loaded 2-core machine
+def test_joins_a_cluster_given_by_address_or_ray_address(open_head, tmp_path):
     """A real `ray start --head` in its own process; a job connects to it by --address, and another by
     RAY_ADDRESS alone (both drivers are then in that cluster's job table, so neither started its own Ray)."""
     write_imagefolder(tmp_path / "raw", {"a": 3, "b": 3})
-    with ray_head(_env()) as port:
-        proc = run_prepare(tmp_path / "raw", tmp_path / "out", "--address", f"127.0.0.1:{port}")
-        by_env = run_prepare(tmp_path / "raw", tmp_path / "out-env", env=_env() | {"RAY_ADDRESS": f"127.0.0.1:{port}"})
-        # The workers import the driver's checkout of `pipeline`, shipped with the job, not
-        # whatever the nodes have installed; the job table lists every driver that joined.
-        probe = (
-            "import json, ray; from pipeline import runtime; from pipeline.config import RayConfig; "
-            f"runtime.connect(RayConfig(address='127.0.0.1:{port}')); "
-            "print(ray.get(ray.remote(lambda: __import__('pipeline').__file__).remote())); "
-            "print(json.dumps([j['Entrypoint'] for j in ray._private.state.jobs()]))"
-        )
-        # Run from elsewhere: Ray puts the driver's folder on the workers' path, which on one
-        # machine would hide whether the package travelled.
-        where = subprocess.run(
-            [sys.executable, "-c", probe],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=120,
-            env={**_env(), "PYTHONPATH": str(ROOT)},
-        )
+    port = open_head.port
+    proc = run_prepare(tmp_path / "raw", tmp_path / "out", "--address", f"127.0.0.1:{port}")
+    by_env = run_prepare(tmp_path / "raw", tmp_path / "out-env", env=_env() | {"RAY_ADDRESS": f"127.0.0.1:{port}"})
+    # The workers import the driver's checkout of `pipeline`, shipped with the job, not
+    # whatever the nodes have installed; the job table lists every driver that joined.
+    probe = (
+        "import json, ray; from pipeline import runtime; from pipeline.config import RayConfig; "
+        f"runtime.connect(RayConfig(address='127.0.0.1:{port}')); "
+        "print(ray.get(ray.remote(lambda: __import__('pipeline').__file__).remote())); "
+        "print(json.dumps([j['Entrypoint'] for j in ray._private.state.jobs()]))"
+    )
+    # Run from elsewhere: Ray puts the driver's folder on the workers' path, which on one
+    # machine would hide whether the package travelled.
+    where = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env={**_env(), "PYTHONPATH": str(ROOT)},
+    )
     assert where.returncode == 0 and "runtime_resources" in where.stdout, (where.stdout, where.stderr[-2000:])
     drivers = [d.split() for d in json.loads(where.stdout.splitlines()[-1])]
     for run, out in ((proc, "out"), (by_env, "out-env")):

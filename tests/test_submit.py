@@ -4,21 +4,18 @@ outputs in the bucket, are listed, followed and stopped, and a failure is one li
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 import pytest
 from images import prepare_without_ray, upload_tree, write_imagefolder
-from processes import RAY, free_port, ray_env, ray_head
+from processes import Head, free_port, started_head
 
 from pipeline import storage
 
@@ -26,39 +23,11 @@ ROOT = Path(__file__).parent.parent
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(480)]  # slow when the machine is shared
 
 
-@dataclass(frozen=True)
-class Head:
-    """A running head: its Jobs API URL, and the client environment that holds its token."""
-
-    url: str
-    env: dict[str, str]
-    token: str
-
-
 @pytest.fixture(scope="module")
-def head(request, s3_endpoint, tmp_path_factory):
-    """A 4-CPU head; token auth on (the default, `request.param`) or RAY_AUTH_MODE=disabled."""
-    with started_head(tmp_path_factory.mktemp("home"), getattr(request, "param", "token")) as running:
+def head(s3_endpoint, tmp_path_factory):
+    """A 4-CPU head with token authentication (Ray's default)."""
+    with started_head(tmp_path_factory.mktemp("home")) as running:
         yield running
-
-
-@contextlib.contextmanager
-def started_head(home: Path, mode: str = "token") -> Iterator[Head]:
-    """A head with its token in <home>/.ray/auth_token, where Ray looks (made once per home).
-
-    The head has S3 credentials (a node's own AWS chain) but not the endpoint: the jobs reach
-    the local S3 server only because `submit` forwards AWS_ENDPOINT_URL from the submitter."""
-    env = ray_env(HOME=str(home), TQDM_DISABLE="1", RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    token_file = home / ".ray" / "auth_token"
-    if mode == "token" and not token_file.exists():
-        subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60, check=True)
-    head_env = {k: v for k, v in env.items() if not k.startswith("AWS_ENDPOINT_URL")}
-    if mode == "disabled":
-        head_env["RAY_AUTH_MODE"] = "disabled"
-    dashboard = free_port()
-    with ray_head(head_env, num_cpus=4, dashboard_port=dashboard):
-        token = token_file.read_text().strip() if mode == "token" else ""
-        yield Head(f"http://127.0.0.1:{dashboard}", env, token)
 
 
 def imgpipe(head: Head, *args: str, env: dict | None = None, timeout: float = 360) -> subprocess.CompletedProcess:
@@ -168,8 +137,8 @@ def test_bad_requests_fail_in_one_line_before_anything_is_sent(head, tmp_path):
     assert unknown == "imgpipe jobs: no job 'imgpipe-nope' on this cluster; `imgpipe jobs list` shows the ids"
 
 
-@pytest.mark.parametrize("head", ["disabled"], indirect=True)
-def test_a_failing_job_exits_non_zero_with_its_error_on_a_cluster_without_auth(head, bucket):
+def test_a_failing_job_exits_non_zero_with_its_error_on_a_cluster_without_auth(open_head, bucket):
+    head = open_head
     proc = imgpipe(
         head,
         "submit",
@@ -189,10 +158,10 @@ def test_a_failing_job_exits_non_zero_with_its_error_on_a_cluster_without_auth(h
     assert imgpipe(head, "jobs", "status", job_id).stdout.startswith(f"{job_id}: FAILED")
 
 
-def test_a_features_job_resumes_through_submit_after_the_whole_cluster_is_lost(s3_endpoint, s3, bucket, tmp_path):
+def test_a_features_job_resumes_through_submit_after_the_whole_cluster_is_lost(head, s3, bucket, tmp_path):
     """The cluster goes away mid-job (head, workers and the job's driver, as when every machine is
-    lost); the same `submit` to a new cluster writes only the parts still missing, and the output
-    holds every input exactly once."""
+    lost); the same `submit` to another cluster (the module's head, which never saw the job) writes
+    only the parts still missing, and the output holds every input exactly once."""
     write_imagefolder(tmp_path / "raw", {"a": 20, "b": 20}, size=(32, 32))
     manifest = prepare_without_ray(str(tmp_path / "raw"), f"s3://{bucket}/loss-prepared", 2)
     n, shards = manifest["samples"], sum(len(split["shards"]) for split in manifest["splits"].values())
@@ -226,8 +195,7 @@ def test_a_features_job_resumes_through_submit_after_the_whole_cluster_is_lost(s
     before = parts()
     assert 0 < len(before) < shards, f"{len(before)} of {shards} parts before the loss"
 
-    with started_head(home) as second:
-        resumed = imgpipe(second, *job, "--follow")
+    resumed = imgpipe(head, *job, "--follow")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     written = re.search(r"(\d+) parts to write, (\d+) already there", resumed.stdout)
     assert written and int(written.group(2)) >= len(before), resumed.stdout[-3000:]
