@@ -3,8 +3,11 @@ local Ray for the whole session, sized so that actor pools never starve read tas
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 import uuid
 
 import boto3
@@ -17,6 +20,12 @@ os.environ["TQDM_DISABLE"] = "1"
 # Ray Train's controller looks at its workers every 2 s by default, and a short run waits on that
 # poll at each step (start, finish, a fault): 0.5 s saves 3-6 s per fine-tuning run on 2 cores.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The session's own cache for ONNX exports, int8 files and inductor artefacts, inherited by every process it
+# starts (Ray workers, jobs, heads): a run starts cold, as on a clean CI machine, and leaves the developer's
+# ~/.cache/imgpipe alone. IMGPIPE_CACHE set by hand wins.
+if "IMGPIPE_CACHE" not in os.environ:
+    os.environ["IMGPIPE_CACHE"] = tempfile.mkdtemp(prefix="imgpipe-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["IMGPIPE_CACHE"], ignore_errors=True)
 # Offline, as our users' clusters often are: no process of the session may reach beyond this
 # machine (tests/offline/sitecustomize.py, loaded by every Python process started from here).
 OFFLINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "offline")
