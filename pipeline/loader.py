@@ -14,7 +14,7 @@ Epochs are explicit: `TrainInput.dataset(epoch)` is a pure function of (seed, ep
 run resumed at epoch k sees what an uninterrupted run saw. Ray Train workers get their
 epoch's iterator from one `EpochSplits` actor (`worker_batches`), which makes one
 `streaming_split` of the train rows per epoch and hands rank r its part; the val rows are split
-once per run and iterated again each epoch.
+once per worker group and iterated again each epoch.
 """
 
 from __future__ import annotations
@@ -232,29 +232,33 @@ class EpochSplits:
     per epoch (each epoch has its own shard order and augmentation), and one of the val rows that every
     epoch iterates again (the same rows each time, so one split coordinator serves the whole run).
 
-    A rank asking again for a round it already has (a restarted worker group) gets a fresh split: the
-    old group may have left the old one mid-epoch, so a resumed run starts its round afresh on every rank.
+    Rounds belong to a worker group (`group`: an id rank 0 draws and every rank shares). A restarted
+    group gets fresh splits: the old one may have left a split mid-epoch, or served some ranks of a round
+    and not others, and a split's `start_epoch` barrier waits for every part's consumer.
     """
 
     def __init__(self, train_input: TrainInput, world_size: int) -> None:
         self.input, self.world = train_input, world_size
-        self.rounds: dict[str, tuple[int, list, set]] = {}  # kind -> (epoch, parts, ranks served)
+        self.rounds: dict[str, tuple[str, int, list, set]] = {}  # kind -> (group, epoch, parts, ranks served)
 
-    def iterator(self, epoch: int, rank: int, kind: str = "train"):
+    def iterator(self, epoch: int, rank: int, kind: str = "train", group: str = ""):
         if not 0 <= rank < self.world:
             raise ValueError(f"rank {rank} is outside the world of {self.world} workers")
         if kind not in ("train", "val"):
             raise ValueError(f"unknown split kind {kind!r}; known: train, val")
         current = self.rounds.get(kind)
-        if current is not None and current[0] != epoch and len(current[2]) == self.world and kind == "val":
-            # Every rank went through the last round (its metrics were reduced over all of them before the
-            # next epoch began), so the split stands at an epoch boundary: iterate it again.
-            current = self.rounds[kind] = (epoch, current[1], set())
-        if current is None or current[0] != epoch or rank in current[2]:
+        ours = current is not None and current[0] == group
+        if ours and current[1] == epoch and rank not in current[3]:
+            pass  # the round this group is in: the rank's part of it
+        elif ours and kind == "val" and epoch > current[1] and len(current[3]) == self.world:
+            # Every rank of this group went through the last val round (validation ends in an all-reduce
+            # over the ranks, before the next epoch trains), so the split stands at an epoch boundary.
+            current = self.rounds[kind] = (group, epoch, current[2], set())
+        else:
             parts = self.input.split(epoch, self.world) if kind == "train" else self.input.eval_split(self.world)
-            current = self.rounds[kind] = (epoch, parts, set())
-        current[2].add(rank)
-        return current[1][rank]
+            current = self.rounds[kind] = (group, epoch, parts, set())
+        current[3].add(rank)
+        return current[2][rank]
 
 
 def epoch_splits(train_input: TrainInput, world_size: int):
@@ -263,16 +267,16 @@ def epoch_splits(train_input: TrainInput, world_size: int):
     return EpochSplits.remote(train_input, world_size)
 
 
-def worker_batches(splits, cfg: LoaderConfig, epoch: int, rank: int) -> Iterator[Batch]:
+def worker_batches(splits, cfg: LoaderConfig, epoch: int, rank: int, group: str = "") -> Iterator[Batch]:
     """Inside a training worker: its batches of `epoch`, as many as every other rank gets."""
-    iterator = ray.get(splits.iterator.remote(epoch, rank))
+    iterator = ray.get(splits.iterator.remote(epoch, rank, "train", group))
     return iter_train_batches(iterator, cfg, epoch, rank)
 
 
-def worker_eval_batches(splits, cfg: LoaderConfig, epoch: int, rank: int) -> Iterator[Batch]:
+def worker_eval_batches(splits, cfg: LoaderConfig, epoch: int, rank: int, group: str = "") -> Iterator[Batch]:
     """Inside a training worker: its part of the val rows after `epoch`, in order, every row
     once across the ranks (the last batch may be short, and counts may differ by one)."""
-    iterator = ray.get(splits.iterator.remote(epoch, rank, "val"))
+    iterator = ray.get(splits.iterator.remote(epoch, rank, "val", group))
     return iterator.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=cfg.prefetch_batches)
 
 

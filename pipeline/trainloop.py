@@ -17,6 +17,7 @@ import os
 import random
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -107,6 +108,7 @@ class FinetuneRunner:
             "partial": None,
         }
         self.net, self.phase, self.frozen = self.model, None, []
+        self.group = _all_gather(uuid.uuid4().hex)[0]  # this worker group's id, rank 0's (loader.EpochSplits)
         if self.rank == 0:
             log.info("finetune rank 0 of %d: %s", self.world, devices.describe(self.device, self.precision))
 
@@ -138,7 +140,7 @@ class FinetuneRunner:
         self.optimizer.zero_grad(set_to_none=True)
         resume_at = self.state["batch"]
         sums = torch.tensor(self.state["partial"] or [0.0] * 4, dtype=torch.float64, device=self.device)
-        batches = loader.worker_batches(self.spec.splits, self.spec.loader, epoch, self.rank)
+        batches = loader.worker_batches(self.spec.splits, self.spec.loader, epoch, self.rank, self.group)
         bar = _progress(
             self.rank, self.spec.steps_per_epoch * self.cfg.accumulate, f"epoch {epoch + 1}/{self.cfg.epochs}"
         )
@@ -192,7 +194,7 @@ class FinetuneRunner:
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         labels, topk = [], []
-        for batch in loader.worker_eval_batches(self.spec.splits, self.spec.loader, epoch, self.rank):
+        for batch in loader.worker_eval_batches(self.spec.splits, self.spec.loader, epoch, self.rank, self.group):
             x, y = self.inputs(batch)
             with self.autocast():
                 logits = self.model(x).float()

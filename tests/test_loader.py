@@ -160,6 +160,21 @@ def test_every_worker_gets_the_same_number_of_batches(ray_session, dataset_dir):
     assert len(common) >= 30
     assert sum(seen[0][k] != seen[1][k] for k in common) >= len(common) - 2  # new augmentation per epoch
 
+    # A worker group lost after one rank was served its part of epoch 2: the restarted group's ranks share a
+    # fresh split, whichever asks first (a part of the old one, whose barrier still waits for the lost rank's
+    # consumer, would hang the run).
+    ray.get(splits.iterator.remote(2, 0, "train", "lost group"))
+    parts = [ray.get(splits.iterator.remote(2, rank, "train", "new group")) for rank in (1, 0)]
+
+    @ray.remote(num_cpus=0.25)
+    def consume(part, rank: int) -> list[str]:
+        return [k for b in iter_train_batches(part, LOADER, 2, rank) for k in b[schema.KEY]]
+
+    keys = [
+        k for got in ray.get([consume.remote(part, rank) for part, rank in zip(parts, (1, 0))], timeout=90) for k in got
+    ]
+    assert len(keys) == len(set(keys)) == 40
+
 
 @pytest.mark.timeout(180)
 def test_eval_rows_are_not_augmented_and_each_comes_once(ray_session, dataset_dir):
