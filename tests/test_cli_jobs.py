@@ -8,6 +8,7 @@ source failing in one line."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def test_features_train_head_classify_through_the_cli(ray_address, tmp_path):
     # the session's Ray (token auth, its token in ~/.ray) by RAY_ADDRESS: features above showed the embedded start.
     loud = {
         k: v
-        for k, v in ray_env(RAY_ADDRESS=ray_address, RAY_AUTH_MODE="token").items()
+        for k, v in ray_env(RAY_ADDRESS=ray_address, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token")).items()
         if k not in ("TQDM_DISABLE", "RAY_DATA_DISABLE_PROGRESS_BARS")
     }
     classified = imgpipe("classify", "-q", *args, env=loud)
