@@ -220,12 +220,13 @@ def print_int8_cost() -> None:
     """int8 against fp32 (both ONNX Runtime) on real photographs, calibrated on the first 32."""
     from photos import compare, describe, photo_crops
 
+    from pipeline import quantize
     from pipeline.features import Embedder
     from pipeline.models import resolve_weights
 
     weights, pixels = resolve_weights("efficientnet_lite0", "DEFAULT"), photo_crops()
     fp32 = Embedder(weights, "float32", engine="onnxruntime")
-    int8 = Embedder(weights, "float32", engine="onnxruntime", precision="int8", calibration=pixels[:32])
+    int8 = Embedder(weights, "float32", engine="onnxruntime", precision=quantize.precision(), calibration=pixels[:32])
     print(f"int8 against fp32 on real photographs, {describe(compare(fp32, int8, pixels))}")
 
 

@@ -92,6 +92,8 @@ class Embedder:
         self.autocast = devices.autocast_dtype(precision) if self.device.type == "cuda" else None
         self.prep = weights.preprocessing
         self.normalize = DeviceNormalizer(self.prep, self.device)
+        # int8's weight width: the plan's (`quantize.precision()` on the driver), else this CPU's.
+        self.int8 = precision if precision.startswith("int8") else quantize.precision()
         if engine == "onnxruntime" and self.device.type == "cpu":
             self.engine = engine if calibration is None else "onnxruntime int8"
             self.run_trunk = self.onnx_trunk(weights, max(1, threads), calibration, clock)
@@ -115,7 +117,7 @@ class Embedder:
             crop = self.prep.crop_size
             self.staging = torch.empty((batch_size, crop, crop, 3), dtype=torch.uint8).pin_memory()
             clock.lap("device")
-        computed = precision if self.device.type == "cuda" else ("int8" if calibration is not None else "fp32")
+        computed = precision if self.device.type == "cuda" else (self.int8 if calibration is not None else "fp32")
         log.info("model actor on %s, %s", devices.describe(self.device, computed), self.engine)
         if startup_log is not None:
             try:  # waited for: the driver reads the log when the stream ends
@@ -147,8 +149,8 @@ class Embedder:
         if calibration is not None:
             pixels = calibration.get() if isinstance(calibration, Shipped) else calibration
             x = self.normalize(readonly_tensor(pixels)).contiguous().numpy()
-            path, made = quantize.int8_model(path, x, quantize.calibration_digest(pixels))
-            bits = ", 7-bit weights (no VNNI)" if quantize.weights_in_7_bits() else ""
+            path, made = quantize.int8_model(path, x, quantize.calibration_digest(pixels), self.int8)
+            bits = ", 7-bit weights" if self.int8 == "int8w7" else ""
             clock.notes.append(("int8 quantised" if made else "int8 cached") + bits)
         return OnnxBackbone(path, threads)
 
@@ -209,7 +211,8 @@ def model_actor_plan(
     batches = math.ceil(rows / batch_size) if rows is not None else None
     plan = placement.plan_actors(model_cfg, requested, batches, cores, cpu_only)
     engine = choose_engine(model_cfg.engine, plan.device, digest, model_cfg.quantize)
-    plan = replace(plan, engine=engine, precision="int8" if model_cfg.quantize == "int8" else plan.precision)
+    int8 = model_cfg.quantize == "int8"
+    plan = replace(plan, engine=engine, precision=quantize.precision() if int8 else plan.precision)
     where = "CPU-only nodes" if plan.cpu_selector else "any node"
     log.info(
         "plan: %s; %s, batch %d; reads + decode: tasks of 1 CPU on %s",
@@ -278,7 +281,7 @@ def calibration_kwargs(plan: ActorPlan, source: ImageSource, prep) -> dict:
     """The model actors' `calibration` argument: with int8, the first `quantize.CALIBRATION_IMAGES`
     decodable images of `source` as the model sees them (uint8 NHWC), read here in unit order, so
     that a resumed run calibrates on the same images; shipped through the object store."""
-    if plan.precision != "int8":
+    if not plan.precision.startswith("int8"):
         return {}
     rows = source.head_rows(2 * quantize.CALIBRATION_IMAGES)
     pixels = np.zeros((0,))

@@ -12,7 +12,8 @@ On x86 CPUs without VNNI, weights are quantised to 7 bits (ONNX Runtime's `reduc
 uint8 x int8 kernels add pairs of products in 16 bits (VPMADDUBSW), and with full 8-bit weights the sums
 saturate: on an AVX2-only CPU, EfficientNet-Lite0's top-1 agreement with fp32 fell to 74% and the worst
 embedding cosine to 0.79. With 7-bit weights they were 82% and 0.95, at 1.3x fp32's speed; uint8 weights
-held 91% but ran at a quarter of fp32's speed. Each node decides for its own CPU.
+held 91% but ran at a quarter of fp32's speed. A job takes its driver's width (`precision`), which becomes
+its outputs' `compute`, so a resume never mixes the two; a node that needs 7 bits refuses an 8-bit plan.
 
 The quantised model is cached beside the fp32 export, keyed by it, by the calibration images' digest and
 by the weights' bits, under the same kind of file lock: the first actor of a node quantises, the others load.
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.errors import UserError
 
 log = logging.getLogger("imgpipe")
 
@@ -55,12 +58,30 @@ def weights_in_7_bits(machine: str | None = None, cpuinfo: str | None = None) ->
     return not re.search(r"\b(avx512_vnni|avx_vnni|amx_int8)\b", cpuinfo)
 
 
-def int8_model(fp32: Path, calibration: np.ndarray, digest: str) -> tuple[Path, bool]:
-    """The int8 version of the ONNX model `fp32`, calibrated on `calibration` (normalised float NCHW),
-    made once per node and cached; returns (its path, whether this call made it)."""
+def precision() -> str:
+    """The int8 precision this CPU runs: `int8w7` (7-bit weights) or `int8`. A job takes its driver's, and it
+    becomes the outputs' `compute` (`cpu/int8w7`), so rows of the two widths never mix in one output."""
+    return "int8w7" if weights_in_7_bits() else "int8"
+
+
+def check_node(planned: str, needs_7_bits: bool) -> None:
+    """Refuse 8-bit weights on a CPU they saturate (a driver with VNNI, a node without); 7-bit weights run
+    right everywhere."""
+    if planned == "int8" and needs_7_bits:
+        raise UserError(
+            "model.quantize=int8: this node's CPU has no VNNI, where 8-bit int8 weights give wrong embeddings, "
+            "but the job's driver has VNNI and chose them; run the job's driver on a node without VNNI (its "
+            "7-bit weights run right on every CPU), or set model.quantize=none"
+        )
+
+
+def int8_model(fp32: Path, calibration: np.ndarray, digest: str, planned: str) -> tuple[Path, bool]:
+    """The int8 version (`planned`: `int8` or `int8w7`) of the ONNX model `fp32`, calibrated on `calibration`
+    (normalised float NCHW), made once per node and cached; returns (its path, whether this call made it)."""
     from filelock import FileLock
 
-    bits = "w7" if weights_in_7_bits() else ""
+    check_node(planned, weights_in_7_bits())
+    bits = "w7" if planned == "int8w7" else ""
     path = fp32.with_name(f"{fp32.stem}-int8{bits}-{digest}.onnx")
     with FileLock(str(path) + ".lock", timeout=600):
         if path.exists():
@@ -69,7 +90,7 @@ def int8_model(fp32: Path, calibration: np.ndarray, digest: str) -> tuple[Path, 
         partial = path.with_suffix(f".{os.getpid()}.partial")
         quantize_static_int8(fp32, calibration, partial, reduce_range=bool(bits))
         partial.replace(path)  # whole or absent
-        how = " (7-bit weights: this CPU has no VNNI)" if bits else ""
+        how = " (7-bit weights)" if bits else ""
         log.info("engine: quantised %s to int8%s in %.1f s", fp32.name, how, time.perf_counter() - started)
     return path, True
 

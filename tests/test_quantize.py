@@ -34,7 +34,7 @@ def test_int8_stays_close_to_fp32_on_real_photos(lite0, tmp_path, monkeypatch):
     monkeypatch.setenv("IMGPIPE_CACHE", str(tmp_path))
     pixels = photo_crops()
     fp32 = Embedder(lite0, "float32", engine="onnxruntime")
-    int8 = Embedder(lite0, "float32", engine="onnxruntime", precision="int8", calibration=pixels[:32])
+    int8 = Embedder(lite0, "float32", engine="onnxruntime", precision=quantize.precision(), calibration=pixels[:32])
     assert (fp32.engine, int8.engine) == ("onnxruntime", "onnxruntime int8")
     result = compare(fp32, int8, pixels)
     print(f"int8 against fp32 (ONNX Runtime, calibrated on the first 32), {describe(result)}")
@@ -48,7 +48,7 @@ def test_int8_stays_close_to_fp32_on_real_photos(lite0, tmp_path, monkeypatch):
     assert made.name.endswith(f"-int8{bits}-{quantize.calibration_digest(pixels[:32])}.onnx")
     assert made.stat().st_size < 0.4 * next(p for p in (tmp_path / "onnx").glob("*.onnx") if p != made).stat().st_size
     stamp = made.stat().st_mtime_ns
-    Embedder(lite0, "float32", engine="onnxruntime", precision="int8", calibration=pixels[:32])
+    Embedder(lite0, "float32", engine="onnxruntime", precision=quantize.precision(), calibration=pixels[:32])
     assert made.stat().st_mtime_ns == stamp and not list((tmp_path / "onnx").glob("*.partial"))
 
 
@@ -58,6 +58,10 @@ def test_weights_keep_to_7_bits_on_x86_cpus_without_vnni():
     assert not quantize.weights_in_7_bits("x86_64", "flags\t: avx2 avx_vnni\n")
     assert not quantize.weights_in_7_bits("aarch64", "Features\t: fp asimd asimddp\n")
     assert quantize.weights_in_7_bits("AMD64", "")  # flags unknown: the safe side
+    quantize.check_node("int8w7", needs_7_bits=False)  # 7-bit weights run right on a CPU with VNNI too
+    quantize.check_node("int8", needs_7_bits=False)
+    with pytest.raises(ValueError, match="this node's CPU has no VNNI, where 8-bit int8 weights give wrong"):
+        quantize.check_node("int8", needs_7_bits=True)  # the driver had VNNI, this node has not
 
 
 def test_only_the_data_path_is_quantised(lite0, tmp_path, monkeypatch):
@@ -94,8 +98,9 @@ def test_a_features_job_in_int8_reports_its_compute_and_start_up(ray_session, tm
     result = features.run(model, cfg, StorageConfig())
     assert (result["rows"], result["rejected"]) == (8, 1)
     part = pq.read_table(tmp_path / "int8" / "all" / "part-000000.parquet")
-    assert part.schema.metadata[b"imgpipe.compute"] == b"cpu/int8"
-    assert json.loads((tmp_path / "int8" / "features.json").read_text())["identity"]["compute"] == "cpu/int8"
+    compute = "cpu/int8w7" if SEVEN_BITS else "cpu/int8"  # the width in the identity: a resume never mixes them
+    assert part.schema.metadata[b"imgpipe.compute"] == compute.encode()
+    assert json.loads((tmp_path / "int8" / "features.json").read_text())["identity"]["compute"] == compute
 
     startup = result["startup"]
     assert startup["actors"] >= 1 and startup["first_ready_s"] > 0 and startup["slowest_load_s"] > 0
