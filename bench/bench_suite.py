@@ -6,10 +6,10 @@
 
 Runs the main half of `make test` (`pytest -q`; the multinode half is not timed) as `make test` runs it, in
 one process, and in two worker processes, `-n 2 --dist loadfile` (each whole test file on one worker, each
-worker with its own S3 server and session Ray). The two alternate, so that
-the machine's drift between rounds falls on both. Each run is clocked from the outside and the whole
-machine's busy CPU time is read from /proc/stat: a run that keeps the cores busier does not always finish
-sooner. Any failing run makes the script exit non-zero: a faster suite that fails measures nothing.
+worker with its own S3 server and session Ray). The two alternate, so that the machine's drift between rounds
+falls on both. Each run is clocked from the outside and the whole machine's busy CPU time is read from
+/proc/stat: a run that keeps the cores busier does not always finish sooner. Any failing run makes the script
+exit non-zero: a faster suite that fails measures nothing.
 """
 
 from __future__ import annotations
