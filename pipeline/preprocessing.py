@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: the loader's actors and tasks import this module for
+# `Preprocessing` alone, and an import of torch costs a new Ray worker about 1.5 CPU-seconds.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,6 +57,8 @@ class Preprocessing:
 def readonly_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor view of an array that is only read (Ray hands batches out read-only): no copy,
     and no "not writable" warning for a tensor that is never written."""
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.ascontiguousarray(array))
@@ -61,6 +69,8 @@ class DeviceNormalizer:
     built once (two small host-to-device copies per call would synchronise the stream)."""
 
     def __init__(self, prep: Preprocessing, device: torch.device, channels_last: bool = True):
+        import torch
+
         self.mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1) * 255.0
         self.format = torch.channels_last if channels_last else torch.contiguous_format
