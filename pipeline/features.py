@@ -92,8 +92,10 @@ class Embedder:
         self.autocast = devices.autocast_dtype(precision) if self.device.type == "cuda" else None
         self.prep = weights.preprocessing
         self.normalize = DeviceNormalizer(self.prep, self.device)
-        # int8's weight width: the plan's (`quantize.precision()` on the driver), else this CPU's.
-        self.int8 = precision if precision.startswith("int8") else quantize.precision()
+        # int8's weight width when quantising: the plan's (`quantize.precision()` on the driver), else this CPU's.
+        self.int8 = None
+        if calibration is not None:
+            self.int8 = precision if quantize.is_int8(precision) else quantize.precision()
         if engine == "onnxruntime" and self.device.type == "cpu":
             self.engine = engine if calibration is None else "onnxruntime int8"
             self.run_trunk = self.onnx_trunk(weights, max(1, threads), calibration, clock)
@@ -117,7 +119,7 @@ class Embedder:
             crop = self.prep.crop_size
             self.staging = torch.empty((batch_size, crop, crop, 3), dtype=torch.uint8).pin_memory()
             clock.lap("device")
-        computed = precision if self.device.type == "cuda" else (self.int8 if calibration is not None else "fp32")
+        computed = precision if self.device.type == "cuda" else (self.int8 or "fp32")
         log.info("model actor on %s, %s", devices.describe(self.device, computed), self.engine)
         if startup_log is not None:
             try:  # waited for: the driver reads the log when the stream ends
@@ -281,7 +283,7 @@ def calibration_kwargs(plan: ActorPlan, source: ImageSource, prep) -> dict:
     """The model actors' `calibration` argument: with int8, the first `quantize.CALIBRATION_IMAGES`
     decodable images of `source` as the model sees them (uint8 NHWC), read here in unit order, so
     that a resumed run calibrates on the same images; shipped through the object store."""
-    if not plan.precision.startswith("int8"):
+    if not quantize.is_int8(plan.precision):
         return {}
     rows = source.head_rows(2 * quantize.CALIBRATION_IMAGES)
     pixels = np.zeros((0,))

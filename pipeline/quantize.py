@@ -64,6 +64,11 @@ def precision() -> str:
     return "int8w7" if weights_in_7_bits() else "int8"
 
 
+def is_int8(precision: str) -> bool:
+    """Whether a plan's precision is one of the int8 widths (`int8`, `int8w7`)."""
+    return precision.startswith("int8")
+
+
 def check_node(planned: str, needs_7_bits: bool) -> None:
     """Refuse 8-bit weights on a CPU they saturate (a driver with VNNI, a node without); 7-bit weights run
     right everywhere."""
