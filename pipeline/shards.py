@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -81,19 +83,14 @@ def write_shard(
         read = list(pool.map(lambda item: _read_input(item, src_fs, images), plan.inputs))
     # Checked in this thread: the decoders' warnings are caught per file (Python's warning filters are global).
     checked = [_check_sample(item, data, reason, max_pixels) for item, (data, reason) in zip(plan.inputs, read)]
-    import webdataset as wds  # here, not at the top: the package imports torch, which a failing check never needs
-
-    buf = io.BytesIO()
-    samples, rejects, per_class = 0, [], {}
-    with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
-        for item, (sample, reason) in zip(plan.inputs, checked):
-            if reason:
-                rejects.append({"source": item.source, "reason": reason})
-                continue
-            tar.write(_member(item, classes, sample))
-            samples += 1
-            per_class[classes[item.label]] = per_class.get(classes[item.label], 0) + 1
-    data = buf.getvalue()
+    kept, rejects, per_class = [], [], {}
+    for item, (sample, reason) in zip(plan.inputs, checked):
+        if reason:
+            rejects.append({"source": item.source, "reason": reason})
+            continue
+        kept.append(_member(item, classes, sample))
+        per_class[classes[item.label]] = per_class.get(classes[item.label], 0) + 1
+    data, samples = tar_samples(kept), len(kept)
     path = f"{plan.name}.tar"
     if samples:
         storage.write_bytes(out.join(path), data)
@@ -106,6 +103,22 @@ def write_shard(
         "classes": per_class,
         "rejects": rejects,
     }
+
+
+def tar_samples(samples: Iterable[dict]) -> bytes:
+    """A tar of WebDataset samples (`{"__key__": key, ext: bytes, ...}`), each member named `key.ext`, in
+    extension order, with no time or owner: byte for byte what webdataset's `TarWriter(user="", group="",
+    mode=0o444, mtime=0, encoder=False)` writes (`tests/test_prepare.py` compares them). Written here
+    because that package imports torch, about 1.5 CPU-seconds in each of prepare's task processes, which
+    need nothing else of it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|") as tar:
+        for sample in samples:
+            for ext in sorted(k for k in sample if k != "__key__"):
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(sample[ext]), 0, 0o444, "", ""
+                tar.addfile(info, io.BytesIO(sample[ext]))
+    return buf.getvalue()
 
 
 def _read_input(item: RawInput, src_fs, images: np.ndarray | None) -> tuple[bytes | dict | None, str]:

@@ -22,7 +22,7 @@ from pipeline import storage
 from pipeline.config import PrepareConfig, StorageConfig
 from pipeline.layouts import RawInput
 from pipeline.prepare import PrepareError, run
-from pipeline.shards import TAR_TAIL, _member, sample_tar_bytes
+from pipeline.shards import TAR_TAIL, _member, sample_tar_bytes, tar_samples
 from pipeline.sources import open_images
 
 pytestmark = pytest.mark.timeout(180)
@@ -319,16 +319,19 @@ def test_the_tar_size_estimate_is_an_upper_bound():
     items = [
         RawInput(key, 0, f"s3://bucket/raw/{key}é.jpg", size=size) for key in names for size in (0, 1, 511, 513, 4000)
     ]
+    samples = [
+        _member(item, ["ünïcode class"], {"ext": "jpeg", "data": b"x" * item.size, "width": 123456, "height": 7})
+        for item in items
+    ]
     for n in range(1, len(items) + 1):
-        buf = io.BytesIO()
-        with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
-            for item in items[:n]:
-                tar.write(
-                    _member(
-                        item, ["ünïcode class"], {"ext": "jpeg", "data": b"x" * item.size, "width": 123456, "height": 7}
-                    )
-                )
-        assert len(buf.getvalue()) <= TAR_TAIL + sum(sample_tar_bytes(i, "ünïcode class") for i in items[:n])
+        written = tar_samples(samples[:n])
+        assert len(written) <= TAR_TAIL + sum(sample_tar_bytes(i, "ünïcode class") for i in items[:n])
+    # The shards' bytes are webdataset's own writer's, so shards prepared before keep their sha256.
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
+        for sample in samples:
+            tar.write(sample)
+    assert written == buf.getvalue()
 
 
 def test_a_split_that_leaves_the_free_inputs_nowhere_is_a_config_error():
@@ -357,3 +360,19 @@ def test_stale_shard_cleanup_fails_the_job_when_the_listing_fails(tmp_path):
     down = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1, retry_seconds=0)
     with pytest.raises(storage.StorageError, match="s3://bucket/prepared"):
         _remove_stale_shards(storage.resolve("s3://bucket/prepared", down), manifest)
+
+
+def test_the_shard_writer_leaves_torch_unimported(tmp_path):
+    """prepare's task processes read, check and write shards: they need no torch, whose import would cost each
+    about 1.5 CPU-seconds (webdataset's package imports it, so the tar is written with `tarfile`)."""
+    write_imagefolder(tmp_path / "raw", {"a": 2, "b": 2}, size=(16, 16))
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from images import prepare_without_ray; "
+        f"manifest = prepare_without_ray({str(tmp_path / 'raw')!r}, {str(tmp_path / 'out')!r}, 2); "
+        "print(manifest['samples'], sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    )
+    root = Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "4 []"
+    assert len(list((tmp_path / "out").glob("*.tar"))) >= 2
