@@ -201,15 +201,40 @@ def submit(client, job: str, module: str, args: list[str], extra_env: dict[str, 
 
 
 def follow(client, submission_id: str) -> str:
-    """Stream the job's logs to stdout until it ends; returns its final status."""
+    """Stream the job's logs to stdout until it ends; returns its final status.
+
+    Ray's log tail reads the file once every 2 s and sees a job's end only on a later read, 2-4 s after it;
+    so the status is polled beside it, and once the job has ended the rest of its log is read whole: the
+    same text, at the job's end."""
+    shown = 0
 
     async def stream() -> None:
+        nonlocal shown
         async for chunk in client.tail_job_logs(submission_id):
             sys.stdout.write(chunk)
             sys.stdout.flush()
+            shown += len(chunk)
 
-    asyncio.run(stream())
-    return wait_terminal(client, submission_id, timeout=60)
+    async def ended() -> None:
+        while str(await asyncio.to_thread(client.get_job_status, submission_id)) not in TERMINAL:
+            await asyncio.sleep(0.5)
+
+    async def both() -> None:
+        tail, end = asyncio.ensure_future(stream()), asyncio.ensure_future(ended())
+        done, _ = await asyncio.wait((tail, end), return_when=asyncio.FIRST_COMPLETED)
+        for task in (tail, end):
+            task.cancel()
+        await asyncio.gather(tail, end, return_exceptions=True)
+        if tail in done:
+            tail.result()  # a tail that failed says why
+
+    asyncio.run(both())
+    status = wait_terminal(client, submission_id, timeout=60)
+    if status in TERMINAL:
+        rest = client.get_job_logs(submission_id)[shown:]
+        sys.stdout.write(rest)
+        sys.stdout.flush()
+    return status
 
 
 def wait_terminal(client, submission_id: str, timeout: float) -> str:

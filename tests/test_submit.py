@@ -59,7 +59,7 @@ def test_prepare_then_features_end_succeeded_with_outputs_in_s3(head, s3, bucket
     assert proc.returncode == 0, proc.stderr[-3000:]
     prepare_id = proc.stdout.splitlines()[0]
     assert re.fullmatch(r"imgpipe-prepare-\d{8}-\d{6}-[0-9a-f]{6}", prepare_id)
-    assert "inputs 12 = samples 12 + rejected 0" in proc.stdout  # the job's own output, streamed
+    assert proc.stdout.count("inputs 12 = samples 12 + rejected 0") == 1  # the job's own output, streamed once
     assert proc.stderr.strip().splitlines()[-1] == f"imgpipe submit: {prepare_id} SUCCEEDED"
     manifest = json.loads(s3.get_object(Bucket=bucket, Key="prepared/manifest.json")["Body"].read())
     assert manifest["samples"] == 12 and manifest["source"] == f"s3://{bucket}/raw"
@@ -80,7 +80,7 @@ def test_prepare_then_features_end_succeeded_with_outputs_in_s3(head, s3, bucket
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     features_id = proc.stdout.splitlines()[0]
-    assert "inputs 12 = embedded 12 + rejected 0" in proc.stdout
+    assert proc.stdout.count("inputs 12 = embedded 12 + rejected 0") == 1
     shards = [s["path"] for split in manifest["splits"].values() for s in split["shards"]]
     out = storage.resolve(f"s3://{bucket}/feats")
     parts = sorted(f.path for f in storage.list_files(out) if f.path.endswith(".parquet"))
@@ -97,6 +97,8 @@ def test_prepare_then_features_end_succeeded_with_outputs_in_s3(head, s3, bucket
     assert imgpipe(head, "jobs", "status", features_id).stdout.startswith(f"{features_id}: SUCCEEDED")
     logs = imgpipe(head, "jobs", "logs", features_id)
     assert logs.returncode == 0 and "inputs 12 = embedded 12 + rejected 0" in logs.stdout
+    followed = imgpipe(head, "jobs", "logs", features_id, "--follow")  # an ended job: its whole log, once
+    assert followed.returncode == 0 and followed.stdout == logs.stdout
 
 
 def test_a_long_job_is_stopped(head, bucket):
