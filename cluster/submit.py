@@ -222,6 +222,9 @@ def follow(client, submission_id: str) -> str:
     async def both() -> None:
         tail, end = asyncio.ensure_future(stream()), asyncio.ensure_future(ended())
         done, _ = await asyncio.wait((tail, end), return_when=asyncio.FIRST_COMPLETED)
+        if end in done and end.exception() is not None:
+            await tail  # the status could not be read: the tail alone, to the end Ray gives it
+            return
         for task in (tail, end):
             task.cancel()
         await asyncio.gather(tail, end, return_exceptions=True)
