@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 RAY = str(Path(sys.executable).parent / "ray")
+ROOT = Path(__file__).resolve().parent.parent
 SIDE_PORTS = (
     "ray-client-server",
     "dashboard-agent-listen",
@@ -27,6 +29,16 @@ SIDE_PORTS = (
     "runtime-env-agent",
     "metrics-export",
 )
+
+
+def torch_modules_after(code: str) -> list[str]:
+    """The torch modules a fresh interpreter holds after running `code` (from the project, `tests/` on its
+    path): for the processes that must start without torch, whose import costs about 1.5 CPU-seconds."""
+    listing = "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    probe = f"import sys\nsys.path.insert(0, 'tests')\n{code}\n{listing}"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
 
 
 def free_port() -> int:
