@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -60,6 +60,8 @@ class PartSink:
     with the unit, its input count and its rejects (key, source, reason) added. Parts are encoded
     and uploaded on `writers` threads, off the loop that drains the stream (on one thread, the
     Parquet encode and a synchronous upload per part would cap a multi-GPU job); `close` waits.
+    A part that could not be written (its store down past `storage.retry_seconds`) ends the run at
+    the next `add` or at `close`: no part starts after one has failed, and none still queued is tried.
     """
 
     writers = 4
@@ -82,9 +84,11 @@ class PartSink:
         self.counts: dict[str, int] = {}  # unit -> its sample count, once known
         self.pool = ThreadPoolExecutor(self.writers, thread_name_prefix="part-writer")
         self.pending: list = []
+        self.failed = False  # a part could not be written: the parts queued behind it are not tried
 
     def add(self, batch: Batch) -> None:
         """Take a batch from the stream (rows of any units, in any order)."""
+        self._raise_failed()
         shards = np.asarray(batch[schema.SHARD])
         for name in np.unique(shards):
             rows = _take(batch, shards == name)
@@ -131,8 +135,27 @@ class PartSink:
         self.keys.pop(unit.name, None)
         self.written[unit.name] = np.sort(_key_hashes(rows[schema.KEY]))
         while len(self.pending) >= 2 * self.writers:
-            self.pending.pop(0).result()
-        self.pending.append(self.pool.submit(self._write_part, unit, rows))
+            wait(self.pending, return_when=FIRST_COMPLETED)
+            self._raise_failed()
+            self.pending = [f for f in self.pending if not f.done() or f.exception() is not None]
+        self.pending.append(self.pool.submit(self._write_unless_failed, unit, rows))
+
+    def _raise_failed(self) -> None:
+        """Raise the error of a part that could not be written, after dropping the parts still queued:
+        with the store down, each would otherwise spend a whole retry budget before the run could end."""
+        failed = next((f for f in self.pending if f.done() and not f.cancelled() and f.exception()), None)
+        if failed is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            raise failed.exception()
+
+    def _write_unless_failed(self, unit: Unit, rows: Batch) -> None:
+        if self.failed:  # the run is ending: `_raise_failed` raises the failed part's error
+            return
+        try:
+            self._write_part(unit, rows)
+        except BaseException:
+            self.failed = True
+            raise
 
     def _write_part(self, unit: Unit, rows: Batch) -> None:
         """Write one unit's part (Parquet, atomic) with its rejects in the file metadata."""
@@ -173,11 +196,9 @@ class PartSink:
     def close(self) -> None:
         """After the stream: every part written (a failed write raises here), every unit seen
         whole, and nothing else seen."""
-        try:
-            for future in self.pending:
-                future.result()
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        wait(self.pending, return_when=FIRST_EXCEPTION)
+        self._raise_failed()
+        self.pool.shutdown(wait=True)
         for name, unit in self.units.items():
             if unit.count < 0 and name not in self.written and name not in self.keys:
                 # A foreign shard that yielded no row holds no sample (a Ray task that fails raises; rows

@@ -163,6 +163,19 @@ def test_splits_one_at_a_time_reprepared_input_and_a_missing_shard(ray_session, 
         features.run(ModelConfig(), cfg, StorageConfig())
 
 
+def rows(unit: str, keys: list[str], error: str = "") -> dict:
+    """A batch of the model stage's output: `keys` of `unit`, with 4-wide embeddings."""
+    n = len(keys)
+    return {
+        schema.KEY: np.array(keys, dtype=object),
+        schema.LABEL: np.zeros(n, np.int64),
+        schema.SOURCE: np.array(keys, dtype=object),
+        schema.SHARD: np.array([unit] * n, dtype=object),
+        schema.ERROR: np.array([error] * n, dtype=object),
+        schema.EMBEDDING: np.ones((n, 4), np.float32),
+    }
+
+
 def test_part_sink_writes_each_unit_once_and_names_what_does_not_add_up(tmp_path):
     from pipeline.sources import Unit
 
@@ -171,17 +184,6 @@ def test_part_sink_writes_each_unit_once_and_names_what_does_not_add_up(tmp_path
         Unit("train-000000", "train", 3, (), digest="sha256:aa"),
         Unit("train-000001", "train", 2, (), digest="sha256:bb"),
     ]
-
-    def rows(unit: str, keys: list[str], error: str = "") -> dict:
-        n = len(keys)
-        return {
-            schema.KEY: np.array(keys, dtype=object),
-            schema.LABEL: np.zeros(n, np.int64),
-            schema.SOURCE: np.array(keys, dtype=object),
-            schema.SHARD: np.array([unit] * n, dtype=object),
-            schema.ERROR: np.array([error] * n, dtype=object),
-            schema.EMBEDDING: np.ones((n, 4), np.float32),
-        }
 
     sink = parts.PartSink(out, units, features.features_table(4, "float32"), {"dim": "4"})
     sink.add(rows("train-000000", ["a", "b"]))
@@ -199,6 +201,24 @@ def test_part_sink_writes_each_unit_once_and_names_what_does_not_add_up(tmp_path
     info = parts.read_part_info(out.join("train/part-000000.parquet"))
     assert (info.rows, info.inputs, info.rejects, info.metadata["unit_digest"]) == (3, 3, [], "sha256:aa")
     assert not (tmp_path / "feats" / "train" / "part-000001.parquet").exists()
+
+
+def test_a_part_that_cannot_be_written_ends_the_stream_at_the_next_batch(tmp_path):
+    """A store down past its retry budget fails the run once: the next batch raises the part's error, and no
+    part is written after it (each would spend a whole budget more before the job could end)."""
+    from concurrent.futures import wait
+
+    from pipeline.sources import Unit
+
+    (tmp_path / "feats").mkdir()
+    (tmp_path / "feats" / "train").write_text("a file where the train parts' folder goes")
+    units = [Unit("train-000000", "train", 1, (), digest="sha256:aa"), Unit("val-000000", "val", 1, (), digest="")]
+    sink = parts.PartSink(storage.resolve(str(tmp_path / "feats")), units, features.features_table(4, "float32"), {})
+    sink.add(rows("train-000000", ["a"]))
+    wait(sink.pending)
+    with pytest.raises(storage.StorageError, match=r"train/part-000000\.parquet"):
+        sink.add(rows("val-000000", ["b"]))
+    assert not (tmp_path / "feats" / "val").exists()
 
 
 def test_run_files_of_an_older_imgpipe_are_named_as_such(tmp_path):

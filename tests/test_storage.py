@@ -20,7 +20,7 @@ import pytest
 from images import prepare_without_ray, upload_tree, write_imagefolder
 from processes import Proxy, free_port, wait_for_port
 
-from pipeline import objectstore, storage
+from pipeline import objectstore, parts, storage
 from pipeline.config import StorageConfig
 from pipeline.storage import StorageRefused as Refused
 from pipeline.storage import Transient
@@ -233,8 +233,9 @@ def _when_first_shard_lands(
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=unfinished)  # mid-run
 
 
-def _fails_in_one_line_while_down(proxy: Proxy, job: subprocess.Popen, name: str, bucket: str) -> None:
-    """Take the store away until the job ends: it must fail in one line that names the URI and the budget."""
+def _fails_in_one_line_while_down(proxy: Proxy, job: subprocess.Popen, name: str, bucket: str) -> str:
+    """Take the store away until the job ends: it must fail in one line that names the URI and the budget.
+    Returns its stderr."""
     proxy.down()
     try:
         _, err = job.communicate(timeout=240)
@@ -248,6 +249,7 @@ def _fails_in_one_line_while_down(proxy: Proxy, job: subprocess.Popen, name: str
         r"failing after 3 s of retries; check that the store is up .+storage\.retry_seconds",
         line,
     ), line
+    return err
 
 
 def _completes_through_an_outage(proxy: Proxy, job: subprocess.Popen, seconds: float) -> str:
@@ -376,7 +378,10 @@ def test_features_with_the_store_down_past_the_budget_fails_in_one_line_and_clai
     proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
     job = _features_through(proxy, ray_address, bucket, "storage.retry_seconds=3")
     _when_first_shard_lands(s3, bucket, job, ".parquet", "out/errors.jsonl")
-    _fails_in_one_line_while_down(proxy, job, "features", bucket)
+    err = _fails_in_one_line_while_down(proxy, job, "features", bucket)
+    # No part starts after one has failed: those that met the outage are at most the ones then being written.
+    met = set(re.findall(r"out/(\S+\.parquet): transient storage error", err))
+    assert 1 <= len(met) <= parts.PartSink.writers, sorted(met)
     keys = _whole_parts(s3, bucket, manifest)  # the parts written before the outage, each whole
     assert 1 <= len(keys) < 9
     run = json.loads(s3.get_object(Bucket=bucket, Key="out/features.json")["Body"].read())
