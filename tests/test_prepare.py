@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from images import bad_files, bomb_png, jpeg_bytes, upload_tree, write_imagefolder
-from processes import free_port, torch_modules_after
+from processes import free_port, modules_after
 
 from pipeline import storage
 from pipeline.config import PrepareConfig, StorageConfig
@@ -368,6 +368,6 @@ def test_the_shard_writer_leaves_torch_unimported(tmp_path):
     write_imagefolder(tmp_path / "raw", {"a": 2, "b": 2}, size=(16, 16))
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
     code = f"from images import prepare_without_ray; prepare_without_ray({raw!r}, {out!r}, 2)"
-    assert torch_modules_after(code) == []
+    assert modules_after(code) == []
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["samples"] == 4
     assert len(list((tmp_path / "out").glob("*.tar"))) >= 2
