@@ -243,9 +243,8 @@ def imagenet_categories() -> tuple[str, ...]:
     meta = Path(spec.submodule_search_locations[0]) / "models" / "_meta.py" if spec else None
     if meta is not None and meta.is_file():
         for node in ast.parse(meta.read_text()).body:
-            if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == [
-                "_IMAGENET_CATEGORIES"
-            ]:
+            names = [getattr(target, "id", None) for target in getattr(node, "targets", ())]
+            if names == ["_IMAGENET_CATEGORIES"]:
                 return tuple(ast.literal_eval(node.value))
     from torchvision.models import ResNet18_Weights
 
