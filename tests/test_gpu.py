@@ -18,7 +18,9 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(autouse=True)
 def cuda_or_fail():
     if not torch.cuda.is_available():
-        reason = devices.cuda_missing_message(devices.driver_version())
+        # The product's message is a worker's ("a GPU was assigned but ..."); here no GPU was: say so first.
+        why = devices.cuda_missing_message(devices.driver_version())
+        reason = f"no usable CUDA GPU on this machine: {why.partition('CUDA is not usable: ')[2] or why}"
         if os.environ.get("IMGPIPE_REQUIRE_GPU") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
