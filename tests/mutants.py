@@ -12,6 +12,7 @@ mutant of this code base mostly breaks something no test is about, at a full run
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -210,15 +211,18 @@ MUTANTS = (
 
 
 def run(mutant: Mutant) -> str:
-    """'caught', 'SURVIVED' or 'STALE', with pytest's last line; the file is put back whatever happens."""
+    """'caught', 'SURVIVED', 'STALE' or 'TIMED OUT', with pytest's last line; the file is put back whatever
+    happens (an interrupt included)."""
     path = ROOT / mutant.path
     original = path.read_text()
     if original.count(mutant.old) != 1:
         return f"STALE ({original.count(mutant.old)} copies of its text in {mutant.path})"
     path.write_text(original.replace(mutant.old, mutant.new))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests]
     try:
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return "TIMED OUT after 900 s (a hang is not a failing test: look at it)"
     finally:
         path.write_text(original)
     last = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
@@ -226,6 +230,7 @@ def run(mutant: Mutant) -> str:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("mutants: stopped (the file being mutated was put back)"))
     words = sys.argv[1:]
     chosen = [m for m in MUTANTS if not words or any(w.lower() in m.name.lower() for w in words)]
     if not chosen:
