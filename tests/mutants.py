@@ -4,14 +4,19 @@ product (or of the offline guard), runs the tests that promise the feature, and 
     .venv/bin/python tests/mutants.py               # every mutant: about 3 minutes on 2 cores
     .venv/bin/python tests/mutants.py EXIF shard    # the mutants whose name contains a word given
 
-A mutant the tests let through is a test that cannot fail; a mutant whose text is no longer in its file is a
-stale entry (the code moved): both make the script exit non-zero. Not a test itself (pytest does not collect
-it): it runs pytest once per mutant. Hand-picked rather than generated (mutmut and the like): a generated
-mutant of this code base mostly breaks something no test is about, at a full run of the suite per mutant.
+It edits the working tree: run it with nothing else (an editor's save, another pytest) using the checkout.
+Ctrl-C and SIGTERM put the file back; after a SIGKILL, `git diff` shows the mutant and `git checkout -- FILE`
+removes it. A mutant the tests let through is a test that cannot fail; a mutant whose text is no longer in
+its file is a stale entry (the code moved): both make the script exit non-zero. Not a test itself (pytest does
+not collect it): it runs pytest once per mutant. Hand-picked rather than generated (mutmut and the like): a
+generated mutant of this code base mostly breaks something no test is about, at a full run of the suite each.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 900
 
 
 class Mutant(NamedTuple):
@@ -197,7 +203,7 @@ MUTANTS = (
         "colour jitter in a fixed order",
         "pipeline/augment.py",
         "    rng.shuffle(enhancers)\n",
-        "",
+        "    rng.shuffle(enhancers[:])\n",  # the same draws, so only the order can fail the tests
         ("tests/test_augment_reference.py",),
     ),
     Mutant(
@@ -211,26 +217,70 @@ MUTANTS = (
 
 
 def run(mutant: Mutant) -> str:
-    """'caught', 'SURVIVED', 'STALE' or 'TIMED OUT', with pytest's last line; the file is put back whatever
-    happens (an interrupt included)."""
+    """'caught', 'SURVIVED', 'STALE', 'BROKEN', 'ERROR' or 'TIMED OUT', with pytest's last line. Caught means
+    pytest ran the tests and one failed (exit 1, "failed" in its summary, no errors): a collection error, no
+    test selected or a fixture that could not start proves nothing. The file is always put back."""
     path = ROOT / mutant.path
     original = path.read_text()
     if original.count(mutant.old) != 1:
         return f"STALE ({original.count(mutant.old)} copies of its text in {mutant.path})"
-    path.write_text(original.replace(mutant.old, mutant.new))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests]
+    mutated = original.replace(mutant.old, mutant.new)
     try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired:
-        return "TIMED OUT after 900 s (a hang is not a failing test: look at it)"
+        compile(mutated, mutant.path, "exec")
+    except SyntaxError as exc:
+        return f"BROKEN (the mutant does not compile: {exc})"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no bytecode of the mutant outlives it
+    try:
+        _write(path, mutated)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        try:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return f"TIMED OUT after {TIMEOUT_S} s (a hang is not a failing test: look at it)"
+        finally:
+            _stop(proc)
     finally:
-        path.write_text(original)
-    last = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return f"{'caught' if done.returncode else 'SURVIVED'}: {last}"
+        _write(path, original)
+    last = (out.strip().splitlines() or ["(no output)"])[-1]
+    if proc.returncode == 0:
+        return f"SURVIVED: {last}"
+    if proc.returncode == 1 and " failed" in last and " error" not in last:
+        return f"caught: {last}"
+    return f"ERROR (pytest exit {proc.returncode}): {last}"
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace the file whole (a new file renamed over it), with SIGINT and SIGTERM held until it is done."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        fresh = path.with_name(f".{path.name}.mutants")
+        fresh.write_text(text)
+        shutil.copymode(path, fresh)
+        os.replace(fresh, path)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End pytest and what it started (Ray's processes, servers), which share its process group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group
+    proc.wait()
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("mutants: stopped (the file being mutated was put back)"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("mutants: stopped; the file being mutated was put back"))
     words = sys.argv[1:]
     chosen = [m for m in MUTANTS if not words or any(w.lower() in m.name.lower() for w in words)]
     if not chosen:
