@@ -1,5 +1,5 @@
-"""The CUDA paths, on a machine with a GPU: `pytest -m gpu` (deselected by default, see pyproject).
-With IMGPIPE_REQUIRE_GPU=1 a missing or unusable GPU fails these tests instead of skipping them."""
+"""The CUDA paths, on a machine with a GPU: they run with the suite (`pytest -m gpu` runs them alone). Without
+a usable GPU they are skipped, the reason in the summary; with IMGPIPE_REQUIRE_GPU=1 they fail instead."""
 
 from __future__ import annotations
 
@@ -12,18 +12,29 @@ import torch
 from pipeline import devices
 from pipeline.config import ModelConfig, StorageConfig
 
-pytestmark = pytest.mark.gpu
+
+def _no_gpu_reason() -> str:
+    """Why CUDA is unusable here: no driver at all, or the product's message (a CPU-only torch, an old driver)."""
+    driver = devices.driver_version()
+    if driver is None and torch.version.cuda is not None:
+        return "no usable CUDA GPU on this machine: no NVIDIA driver found (/proc/driver/nvidia/version)"
+    why = devices.cuda_missing_message(driver)  # a worker's words: "a GPU was assigned but ..."
+    return f"no usable CUDA GPU on this machine: {why.partition('CUDA is not usable: ')[2] or why}"
+
+
+REQUIRED = os.environ.get("IMGPIPE_REQUIRE_GPU") == "1"
+# Skipped at collection (before the session's Ray is started for a test that would only skip); required, they
+# reach the fixture below and fail there.
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not REQUIRED and not torch.cuda.is_available(), reason=_no_gpu_reason()),
+]
 
 
 @pytest.fixture(autouse=True)
 def cuda_or_fail():
     if not torch.cuda.is_available():
-        # The product's message is a worker's ("a GPU was assigned but ..."); here no GPU was: say so first.
-        why = devices.cuda_missing_message(devices.driver_version())
-        reason = f"no usable CUDA GPU on this machine: {why.partition('CUDA is not usable: ')[2] or why}"
-        if os.environ.get("IMGPIPE_REQUIRE_GPU") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        pytest.fail(_no_gpu_reason())
 
 
 def pixels(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
