@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-ROOT = Path(__file__).resolve().parents[1]
+from processes import ROOT, stop  # tests/ is this script's folder
+
 TIMEOUT_S = 900
 
 
@@ -266,17 +267,11 @@ def _write(path: Path, text: str) -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """End pytest and what it started (Ray's processes, servers), which share its process group."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+    """End pytest (`processes.stop`), then what it started and left behind (Ray's processes, servers), which
+    share its process group."""
+    stop(proc)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group
-    proc.wait()
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def main() -> None:
